@@ -1,0 +1,76 @@
+"""Held-out measurement of a student: how close to the teacher, how good on the data.
+
+Metrics (over supervised positions of the held-out set, per token):
+* ``teacher_kl``   — forward KL(teacher ‖ student) at T=1, in nats;
+* ``top1_agreement`` — share of positions where the student's argmax equals the teacher's;
+* ``perplexity``   — exp(mean student cross-entropy on the data's labels);
+* ``teacher_perplexity`` — the same for the teacher, as the reference point.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from potstill.lm import final_hidden, head_logits
+from potstill.losses import cross_entropy, divergence
+
+
+@torch.no_grad()
+def evaluate(
+    student: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    teacher: nn.Module | None = None,
+    vocab_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    ignore_index: int = -100,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Average the metrics above over ``batches`` (collated, on the right device)."""
+    was_training = student.training
+    student.eval()
+    sums = {"teacher_kl": 0.0, "top1_agreement": 0.0, "student_nll": 0.0, "teacher_nll": 0.0}
+    tokens = 0
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        device = batch["input_ids"].device
+        labels = batch["labels"]  # (B, T)
+        mask = labels != ignore_index
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        ):
+            s_logits = head_logits(
+                student, final_hidden(student, batch)[mask], vocab_size
+            )  # (N, V)
+            t_logits = None
+            if teacher is not None:
+                t_logits = head_logits(
+                    teacher, final_hidden(teacher, batch)[mask], vocab_size
+                )  # (N, V)
+        y = labels[mask]  # (N,)
+        tokens += y.numel()
+        sums["student_nll"] += cross_entropy(s_logits, y).sum().item()
+        if t_logits is not None:
+            sums["teacher_kl"] += divergence(s_logits, t_logits, "forward_kl").sum().item()
+            sums["top1_agreement"] += (s_logits.argmax(-1) == t_logits.argmax(-1)).sum().item()
+            sums["teacher_nll"] += cross_entropy(t_logits, y).sum().item()
+    if was_training:
+        student.train()
+    n = max(tokens, 1)
+    out = {
+        "eval_tokens": float(tokens),
+        "nll": sums["student_nll"] / n,
+        "perplexity": math.exp(sums["student_nll"] / n),
+    }
+    if teacher is not None:
+        out.update(
+            teacher_kl=sums["teacher_kl"] / n,
+            top1_agreement=sums["top1_agreement"] / n,
+            teacher_perplexity=math.exp(sums["teacher_nll"] / n),
+        )
+    return out

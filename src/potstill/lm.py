@@ -1,0 +1,49 @@
+"""Reading a causal LM as *backbone → final hidden states* and *LM head*, separately.
+
+Distillation losses never need logits at positions without a label, and the fused engine never
+needs full ``[tokens, vocab]`` logits at all; both start from the final hidden states. The model is
+still called through its own ``forward`` (so DDP/FSDP wrappers see the call) with
+``logits_to_keep=1``, which makes the LM head cost one position instead of the whole sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from potstill.data import model_inputs
+
+
+def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Final (post-norm) hidden states ``(B, T, H)`` for a collated batch."""
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The output projection as ``(weight (V, H), bias (V,) or None)``."""
+    head = unwrap(model).get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def head_logits(model: nn.Module, hidden: Tensor, vocab_size: int | None = None) -> Tensor:
+    """Logits for selected hidden states: ``(N, H) -> (N, V)``, sliced to ``vocab_size``.
+
+    Applies the model's final-logit soft-capping when its config has one (Gemma 2).
+    """
+    weight, bias = lm_head(model)
+    if vocab_size is not None:  # padded embedding rows are not real tokens
+        weight = weight[:vocab_size]
+        bias = None if bias is None else bias[:vocab_size]
+    logits = nn.functional.linear(hidden, weight, bias)  # (N, V)
+    cap = getattr(unwrap(model).config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside DDP / compile wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)

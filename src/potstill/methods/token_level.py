@@ -1,0 +1,75 @@
+"""Token-level logit distillation (Hinton et al. 2015; the white-box KD of DistillKit / GKD λ=0).
+
+Sequences: the dataset (gold text or chat, loss on assistant/completion tokens only).
+Teacher signal: the live teacher's full next-token distribution at every supervised position,
+computed under ``no_grad`` from its final hidden states and LM head.
+Objective: ``soft_weight · divergence(student ‖ teacher) + hard_weight · cross-entropy``.
+Student and teacher must share a vocabulary (``potstill check`` verifies it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from potstill.lm import final_hidden, head_logits
+from potstill.losses import distillation_loss
+from potstill.methods import register
+from potstill.recipe import Recipe
+
+
+@register("token_level")
+@dataclass
+class TokenLevel:
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    vocab_size: int | None = None  # shared real vocabulary; padded head rows are sliced off
+    ignore_index: int = -100
+    needs_teacher = True
+
+    @classmethod
+    def from_recipe(cls, r: Recipe, *, vocab_size: int | None) -> TokenLevel:
+        loss = r.loss
+        return cls(
+            kind=loss.kind,
+            temperature=loss.temperature,
+            beta=loss.beta,
+            alpha=loss.skew_alpha,
+            soft_weight=loss.soft_weight,
+            hard_weight=loss.hard_weight,
+            vocab_size=vocab_size,
+        )
+
+    def loss(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        batch: dict[str, Tensor],
+        normalizer: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = batch["labels"]  # (B, T), already shifted
+        mask = labels != self.ignore_index  # (B, T)
+        student_h = final_hidden(student, batch)[mask]  # (N, H_s): only supervised positions
+        with torch.no_grad():
+            teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
+            teacher_logits = head_logits(teacher, teacher_h, self.vocab_size)  # (N, V)
+        student_logits = head_logits(student, student_h, self.vocab_size)  # (N, V)
+        return distillation_loss(
+            student_logits,
+            teacher_logits,
+            labels[mask],
+            kind=self.kind,
+            temperature=self.temperature,
+            beta=self.beta,
+            alpha=self.alpha,
+            soft_weight=self.soft_weight,
+            hard_weight=self.hard_weight,
+            ignore_index=self.ignore_index,
+            normalizer=normalizer,
+        )

@@ -1,0 +1,157 @@
+"""Everything a run needs before its first step: models, preflight, tokenized data.
+
+``potstill check`` runs :func:`preflight` (tokenizers and configs only, no weights);
+``potstill train`` and the demo run :func:`load_models` and :func:`load_data`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from potstill.data import DataError, Example, TokenizeStats, load_records, tokenize_records
+from potstill.models import (
+    check_vocab_compatible,
+    count_parameters,
+    load_config,
+    load_model,
+    load_tokenizer,
+    prune_layers,
+    student_from_config,
+)
+from potstill.recipe import Recipe
+
+
+@dataclass
+class Models:
+    student: nn.Module
+    tokenizer: Any  # the student's tokenizer (shared with the teacher for token-level KD)
+    teacher: nn.Module | None
+    vocab_size: int | None  # shared real vocabulary the logits are compared over
+
+
+@dataclass
+class Data:
+    train: list[Example]
+    eval: list[Example]
+    train_stats: TokenizeStats
+    eval_stats: TokenizeStats
+
+
+def _student_source(r: Recipe) -> str:
+    return r.student.model or r.teacher.model  # validated by recipe.validate
+
+
+def preflight(r: Recipe) -> dict[str, Any]:
+    """Cheap checks with tokenizers and configs only; raises with a message that names the fix."""
+    report: dict[str, Any] = {}
+    source = _student_source(r)
+    student_tok = load_tokenizer(source, trust_remote_code=r.student.trust_remote_code)
+    report["student_tokenizer"] = f"{source} ({len(student_tok):,} tokens)"
+    if r.teacher.model and _method(r).needs_teacher:
+        teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
+        teacher_rows = load_config(
+            r.teacher.model, trust_remote_code=r.teacher.trust_remote_code
+        ).vocab_size
+        student_rows = load_config(source, trust_remote_code=r.student.trust_remote_code).vocab_size
+        if r.student.init == "config":
+            student_rows = r.student.config_overrides.get("vocab_size", student_rows)
+        report["shared_vocab"] = check_vocab_compatible(
+            teacher_tok,
+            student_tok,
+            teacher_vocab_rows=teacher_rows,
+            student_vocab_rows=student_rows,
+        )
+    return report
+
+
+def _method(r: Recipe):
+    from potstill.methods import METHODS
+
+    return METHODS[r.method]
+
+
+def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
+    """Teacher (unless the method needs none) and the initialised student, with preflight.
+
+    ``teacher`` may be passed in to share one loaded teacher between runs (the demo does).
+    """
+    needs_teacher = _method(r).needs_teacher
+    if teacher is None and r.teacher.model and needs_teacher:
+        teacher = load_model(
+            r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
+        )
+    source = _student_source(r)
+    s = r.student
+    if s.init == "pretrained":
+        student = load_model(source, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+    elif s.init == "prune":
+        full = load_model(source, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        student = prune_layers(full, s.keep_layers)
+        del full
+    else:
+        student = student_from_config(source, s.config_overrides)
+    tokenizer = load_tokenizer(source, trust_remote_code=s.trust_remote_code)
+    vocab_size = None
+    if teacher is not None:
+        teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
+        vocab_size = check_vocab_compatible(
+            teacher_tok,
+            tokenizer,
+            teacher_vocab_rows=teacher.get_output_embeddings().weight.shape[0],
+            student_vocab_rows=student.get_output_embeddings().weight.shape[0],
+        )
+    print(
+        f"student: {count_parameters(student) / 1e6:.1f}M parameters ({s.init} from {source})"
+        + (
+            f"; teacher: {count_parameters(teacher) / 1e6:.1f}M ({r.teacher.model})"
+            if teacher is not None
+            else ""
+        )
+    )
+    return Models(
+        student=student,
+        tokenizer=tokenizer,
+        teacher=teacher if needs_teacher else None,
+        vocab_size=vocab_size,
+    )
+
+
+def load_data(r: Recipe, tokenizer: Any) -> Data:
+    """Read and tokenize the train and held-out sets; prints the truncation report."""
+    d = r.data
+    train_records = load_records(d.train, split=d.train_split, limit=d.max_train_records)
+    if d.eval or d.train.startswith("bundled:"):  # a separate held-out source or split
+        eval_source = d.eval or d.train
+        eval_records = load_records(eval_source, split=d.eval_split, limit=d.max_eval_records)
+    else:  # hold out a seeded sample of the training records
+        eval_source = f"{d.train} (held-out sample)"
+        eval_records, train_records = hold_out(
+            train_records, d.max_eval_records or 200, seed=r.train.seed
+        )
+    train, train_stats = tokenize_records(
+        train_records, tokenizer, max_length=d.max_length, packing=d.packing
+    )
+    held, eval_stats = tokenize_records(
+        eval_records, tokenizer, max_length=d.max_length, packing=False
+    )
+    print(f"train data ({d.train}): {train_stats.summary()}")
+    print(f"eval data ({eval_source}): {eval_stats.summary()}")
+    return Data(train=train, eval=held, train_stats=train_stats, eval_stats=eval_stats)
+
+
+def hold_out(records: list[dict], n: int, *, seed: int) -> tuple[list[dict], list[dict]]:
+    """(held-out, rest): ``n`` records drawn with a fixed seed, at most a fifth of the data."""
+    n = min(n, len(records) // 5)
+    if n == 0:
+        raise DataError(
+            f"{len(records)} records are too few to hold any out; set `data.eval` to a held-out source"
+        )
+    order = random.Random(seed).sample(range(len(records)), len(records))
+    held = set(order[:n])
+    return [records[i] for i in sorted(held)], [
+        rec for i, rec in enumerate(records) if i not in held
+    ]

@@ -1,0 +1,342 @@
+"""Typed recipes: YAML files plus ``key=value`` overrides, validated before anything loads.
+
+A recipe picks a *method* (which sequences, which teacher signal, which objective) and may override
+any part of it. Every field is documented once, here; ``potstill keys`` prints these docs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and what to do."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field that carries its one-line documentation."""
+    if default is not dataclasses.MISSING:
+        kw["default"] = default
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass
+class TeacherSpec:
+    model: str | None = doc(
+        "Hub id, local directory, .gguf file, or bundled:smollm2-135m-instruct", None
+    )
+    dtype: str = doc(
+        "weights dtype: float32 | bfloat16 | float16 | auto; on CPU float32 + train.precision=bf16 is fastest",
+        "float32",
+    )
+    trust_remote_code: bool = doc("run model code from the Hub repo (only if you trust it)", False)
+
+
+@dataclass
+class StudentSpec:
+    model: str | None = doc(
+        "Hub id, local dir, .gguf or bundled:…; unset = derive from the teacher", None
+    )
+    init: str = doc("pretrained | prune (keep teacher layers) | config (random init)", "pretrained")
+    keep_layers: list[int] | None = doc(
+        "init=prune: teacher layer indices to keep, e.g. [0, 6, 12, 18, 24, 29]", None
+    )
+    config_overrides: dict[str, Any] = doc(
+        "init=config: changes to the source config, e.g. {num_hidden_layers: 4}",
+        default_factory=dict,
+    )
+    dtype: str = doc(
+        "master weights dtype; keep float32 and use train.precision=bf16 for speed", "float32"
+    )
+    trust_remote_code: bool = doc("run model code from the Hub repo (only if you trust it)", False)
+
+
+@dataclass
+class DataSpec:
+    train: str = doc(
+        "JSONL/CSV/Parquet file, datasets dir, Hub dataset id, or bundled:NAME",
+        "bundled:rg/gsm_symbolic",
+    )
+    eval: str | None = doc(
+        "held-out source; unset = a bundled source's eval split, else max_eval_records held out of train",
+        None,
+    )
+    train_split: str = doc("split to read for training (Hub / datasets dirs)", "train")
+    eval_split: str = doc("split to read for evaluation", "eval")
+    max_train_records: int | None = doc("use at most this many training records", None)
+    max_eval_records: int | None = doc("use at most this many held-out records", 200)
+    max_length: int = doc("tokens per example; longer ones are truncated (and counted)", 256)
+    packing: bool = doc(
+        "concatenate examples into max_length blocks (documents stay separate)", False
+    )
+
+
+@dataclass
+class LossSpec:
+    kind: str = doc(
+        "forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd", "forward_kl"
+    )
+    temperature: float = doc(
+        "softens teacher and student alike; the soft loss is scaled by T²", 1.0
+    )
+    beta: float = doc(
+        "jsd only: teacher weight of the mixture (0 = forward KL, 1 = reverse KL)", 0.5
+    )
+    skew_alpha: float = doc("skew_* only: DistiLLM skew coefficient α", 0.1)
+    soft_weight: float = doc("weight of the divergence to the teacher", 1.0)
+    hard_weight: float = doc("weight of cross-entropy on the data labels", 0.0)
+
+
+@dataclass
+class TrainSpec:
+    output_dir: str = doc("where checkpoints, metrics and the final student go", "runs/train")
+    seed: int = doc("seeds data order, init and sampling", 0)
+    max_steps: int | None = doc(
+        "optimizer steps; wins over max_tokens and epochs (smoke runs: 2)", None
+    )
+    max_tokens: int | None = doc(
+        "token budget (non-padding input tokens) instead of max_steps", None
+    )
+    epochs: float = doc("passes over the data when neither max_steps nor max_tokens is set", 1.0)
+    batch_size: int = doc("sequences per micro-batch (per process)", 4)
+    grad_accum: int = doc("micro-batches per optimizer step", 1)
+    lr: float = doc("peak learning rate (AdamW)", 3e-4)
+    min_lr_ratio: float = doc("final lr as a fraction of the peak (cosine / linear)", 0.1)
+    schedule: str = doc("lr decay after warm-up: cosine | linear | constant", "cosine")
+    warmup_steps: int = doc("linear warm-up steps", 10)
+    weight_decay: float = doc("AdamW weight decay (not applied to norms and biases)", 0.0)
+    betas: list[float] = doc("AdamW betas", default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float | None = doc("clip the gradient norm; null disables", 1.0)
+    precision: str = doc("fp32 | bf16 (autocast; master weights stay fp32)", "bf16")
+    log_every: int = doc("log metrics every N steps", 5)
+    eval_every: int = doc("held-out evaluation every N steps (0 = only at the end)", 0)
+    eval_batches: int | None = doc("limit held-out evaluation to N batches", None)
+    save_every: int = doc("checkpoint every N steps (0 = only at the end)", 100)
+    resume: bool = doc("resume from output_dir/checkpoint if one exists", True)
+    save_model: bool = doc("save the final student as a Hugging Face model directory", True)
+
+
+METHODS_DOC = "token_level (logit KD from a live teacher) | sft (cross-entropy only, no teacher)"
+
+
+@dataclass
+class Recipe:
+    method: str = doc(METHODS_DOC, "token_level")
+    teacher: TeacherSpec = doc("the model to learn from", default_factory=TeacherSpec)
+    student: StudentSpec = doc("the model being trained", default_factory=StudentSpec)
+    data: DataSpec = doc("sequences to train and evaluate on", default_factory=DataSpec)
+    loss: LossSpec = doc("the objective", default_factory=LossSpec)
+    train: TrainSpec = doc("the optimisation loop", default_factory=TrainSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def all_keys(cls: type = Recipe, prefix: str = "") -> dict[str, str]:
+    """Every dotted key of the recipe with its documentation."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(all_keys(hints[f.name], key + "."))
+        else:
+            out[key] = f.metadata.get("doc", "")
+    return out
+
+
+def _unknown_key(key: str) -> RecipeError:
+    leaves = list(all_keys())
+    sections = {k.rsplit(".", 1)[0] for k in leaves if "." in k}
+    depth = key.count(".")
+    same_depth = [k for k in [*leaves, *sorted(sections)] if k.count(".") == depth]
+    close = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.5)
+    if not close:  # try the last component alone: `lr` -> `train.lr`
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in leaves if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f"; did you mean `{close[0]}`?" if close else "; run `potstill keys` for the list"
+    return RecipeError(f"unknown recipe key `{key}`{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0])
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"`{key}` must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"`{key}` must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"`{key}` must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RecipeError(f"`{key}` must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"`{key}` must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"`{key}` must be a string, got {value!r}")
+    raise TypeError(f"unsupported recipe type {tp} at {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"`{prefix.rstrip('.') or 'recipe'}` must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise _unknown_key(f"{prefix}{key}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    if "=" not in assignment:
+        raise RecipeError(f"override `{assignment}` is not key=value (e.g. train.max_steps=2)")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    keys = all_keys()
+    known = key in keys or any(k.startswith(key + ".") for k in keys)
+    # config_overrides is a free-form mapping: student.config_overrides.X=... is allowed
+    if not known and not key.startswith("student.config_overrides."):
+        raise _unknown_key(key)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"cannot set `{key}`: `{part}` is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_recipe(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    """Read a YAML recipe (or start from defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"no recipe file at {path}; see recipes/ for examples")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(
+                f"{path}: a recipe is a mapping of sections, got {type(data).__name__}"
+            )
+    for assignment in overrides:
+        apply_override(data, assignment)
+    recipe = _build(Recipe, data)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Cross-field checks that need no model or data."""
+    from potstill.losses import check_divergence_args
+    from potstill.methods import METHODS
+
+    if r.method not in METHODS:
+        close = difflib.get_close_matches(r.method, METHODS, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise RecipeError(f"`method: {r.method}` is unknown; choose one of {sorted(METHODS)}{hint}")
+    method = METHODS[r.method]
+    if method.needs_teacher and not r.teacher.model:
+        raise RecipeError(f"method `{r.method}` needs `teacher.model`")
+    if r.student.init not in ("pretrained", "prune", "config"):
+        raise RecipeError(
+            f"`student.init` must be pretrained, prune or config, got {r.student.init!r}"
+        )
+    if r.student.init == "pretrained" and not r.student.model:
+        raise RecipeError(
+            "`student.init: pretrained` needs `student.model` (or use init: prune / config)"
+        )
+    if r.student.init == "prune":
+        if not r.student.keep_layers:
+            raise RecipeError(
+                "`student.init: prune` needs `student.keep_layers`, e.g. [0, 6, 12, 18, 24, 29]"
+            )
+        if not (r.student.model or r.teacher.model):
+            raise RecipeError("`student.init: prune` needs a model to prune: set `teacher.model`")
+    if r.student.init == "config" and not (r.student.model or r.teacher.model):
+        raise RecipeError(
+            "`student.init: config` needs a config source: `student.model` or `teacher.model`"
+        )
+    for key in ("teacher.dtype", "student.dtype"):
+        value = getattr(r, key.split(".")[0]).dtype
+        if value not in ("float32", "bfloat16", "float16", "auto"):
+            raise RecipeError(f"`{key}` must be float32, bfloat16, float16 or auto, got {value!r}")
+    try:
+        check_divergence_args(
+            r.loss.kind, temperature=r.loss.temperature, beta=r.loss.beta, alpha=r.loss.skew_alpha
+        )
+    except ValueError as e:
+        raise RecipeError(f"`loss`: {e}") from None
+    t = r.train
+    if t.precision not in ("fp32", "bf16"):
+        raise RecipeError(f"`train.precision` must be fp32 or bf16, got {t.precision!r}")
+    if t.schedule not in ("cosine", "linear", "constant"):
+        raise RecipeError(
+            f"`train.schedule` must be cosine, linear or constant, got {t.schedule!r}"
+        )
+    for key in ("batch_size", "grad_accum", "log_every"):
+        if getattr(t, key) < 1:
+            raise RecipeError(f"`train.{key}` must be ≥ 1, got {getattr(t, key)}")
+    if t.lr <= 0:
+        raise RecipeError(f"`train.lr` must be > 0, got {t.lr}")
+    if len(t.betas) != 2:
+        raise RecipeError(f"`train.betas` takes two numbers, got {t.betas}")
+    if r.data.max_length < 2:
+        raise RecipeError(f"`data.max_length` must be ≥ 2, got {r.data.max_length}")

@@ -1,0 +1,440 @@
+"""The one training loop. Every method drives it; it knows nothing about any method's maths.
+
+One optimizer step:
+  1) draw ``grad_accum`` micro-batches and count their valid tokens (all processes);
+  2) for each: ``method.loss(...)`` normalised by that count, backward;
+  3) refuse a non-finite loss or gradient (the last good checkpoint stays untouched);
+  4) clip, AdamW step, lr schedule step;
+  5) log / evaluate / checkpoint on their intervals.
+Checkpoints hold safetensors weights, optimizer, scheduler, RNG states and the data position, and
+are swapped in atomically; a resumed run continues with the exact batch it would have seen next.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from potstill.data import Example, collate
+from potstill.evaluate import evaluate
+from potstill.methods import Method
+from potstill.recipe import Recipe
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN/inf; training stopped before the bad update was applied."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path | None
+    steps: int
+    tokens: int
+    seconds: float  # wall time of this call's training steps (evaluation excluded)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval: dict[str, float] | None = None
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_multiplier(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+    # 1) linear warm-up from lr/warmup to lr
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    # 2) decay from the peak to min_ratio · peak over the remaining steps
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def plan_steps(recipe: Recipe, examples: list[Example], num_processes: int = 1) -> int:
+    """Optimizer steps implied by max_steps, max_tokens or epochs."""
+    t = recipe.train
+    per_step = t.batch_size * t.grad_accum * num_processes
+    if t.max_steps is not None:
+        return t.max_steps
+    if t.max_tokens is not None:
+        mean_tokens = sum(len(e.input_ids) for e in examples) / max(1, len(examples))
+        return max(1, math.ceil(t.max_tokens / (mean_tokens * per_step)))
+    return max(1, math.ceil(t.epochs * len(examples) / per_step))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases, norms and other 1-D tensors."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_loader(
+    examples: list[Example], *, batch_size: int, seed: int, epoch: int, pad_id: int
+) -> DataLoader:
+    """Batches of one epoch in a seeded order that depends only on (seed, epoch)."""
+    order = torch.randperm(
+        len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+    )
+    return DataLoader(
+        [examples[i] for i in order.tolist()],
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=lambda xs: collate(xs, pad_token_id=pad_id),
+    )
+
+
+def fixed_batches(
+    examples: list[Example],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    limit: int | None = None,
+) -> list[dict[str, Tensor]]:
+    """Collated batches in the given order (held-out sets), at most ``limit`` of them."""
+    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)][:limit]
+    return [{k: v.to(device) for k, v in collate(c, pad_token_id=pad_id).items()} for c in chunks]
+
+
+def batch_stream(
+    accelerator: Accelerator,
+    examples: list[Example],
+    *,
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    position: dict,
+) -> Iterator[dict[str, Tensor]]:
+    """Endless batches from ``position`` (epoch, batch) on, updating it as they are consumed."""
+    while True:
+        loader = accelerator.prepare_data_loader(
+            epoch_loader(
+                examples, batch_size=batch_size, seed=seed, epoch=position["epoch"], pad_id=pad_id
+            )
+        )
+        if position["batch"]:
+            loader = accelerator.skip_first_batches(loader, position["batch"])
+        for batch in loader:
+            position["batch"] += 1
+            yield batch
+        position["epoch"] += 1
+        position["batch"] = 0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the complete directory ``tmp`` without a moment where neither exists."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, state: dict[str, Any]) -> Path:
+    final = out / "checkpoint"
+    tmp = out / "checkpoint.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(
+            json.dumps(state, indent=2)
+        )  # written last: marks it complete
+        _swap_in(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    ckpt = out / "checkpoint"
+    if (ckpt / "state.json").is_file():
+        return ckpt
+    old = out / "checkpoint.old"  # a crash between the two renames of _swap_in
+    return old if (old / "state.json").is_file() else None
+
+
+def save_model(accelerator: Accelerator, model: nn.Module, tokenizer: Any, path: Path) -> Path:
+    """The student as a Hugging Face model directory (safetensors + config + tokenizer)."""
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _swap_in(tmp, path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """metrics.jsonl (append, flushed per row) + TensorBoard, main process only."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        self.writer = None
+        if enabled:
+            path = out / "metrics.jsonl"
+            if (
+                resume_step and path.is_file()
+            ):  # keep the history up to the checkpoint, drop the rest
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                self.rows = [r for r in rows if r["step"] <= resume_step]
+            self.file = path.open("w")
+            for row in self.rows:
+                self.file.write(json.dumps(row) + "\n")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(
+                    str(out / "tensorboard"), purge_step=resume_step or None
+                )
+            except ImportError:  # tensorboard is a dependency, but stay usable without it
+                self.writer = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    recipe: Recipe,
+    method: Method,
+    *,
+    student: nn.Module,
+    tokenizer: Any,
+    train_examples: list[Example],
+    eval_examples: list[Example] | None = None,
+    teacher: nn.Module | None = None,
+    eval_teacher: nn.Module | None = None,
+    vocab_size: int | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``student`` with ``method``; see the module docstring for one step's anatomy.
+
+    ``eval_teacher`` lets a run without a teacher in its objective (e.g. the CE baseline) still be
+    measured against one; it defaults to ``teacher``.
+    """
+    t = recipe.train
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Autocast is ours, not Accelerate's: its precision is a process-wide singleton, and one
+    # process may train several students (the demo does) at different precisions.
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    set_seed(t.seed)
+    if main:
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if method.needs_teacher and teacher is None:
+        raise ValueError(f"method `{method.name}` needs a teacher model")
+    eval_teacher = eval_teacher if eval_teacher is not None else teacher
+    for model in {id(m): m for m in (teacher, eval_teacher) if m is not None}.values():
+        model.requires_grad_(False).eval().to(accelerator.device)  # the teacher never trains
+
+    if not any(p.requires_grad for p in student.parameters()):
+        raise ValueError("the student has no trainable parameters (all have requires_grad=False)")
+    total_steps = plan_steps(recipe, train_examples, accelerator.num_processes)
+    optimizer = torch.optim.AdamW(
+        param_groups(student, t.weight_decay), lr=t.lr, betas=tuple(t.betas)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_multiplier(
+            s,
+            total=total_steps,
+            warmup=t.warmup_steps,
+            schedule=t.schedule,
+            min_ratio=t.min_lr_ratio,
+        ),
+    )
+    student.train()
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "position": {"epoch": 0, "batch": 0}}
+    ckpt = find_checkpoint(out) if t.resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "state.json").read_text())
+        if main:
+            print(f"resuming from {ckpt} at step {state['step']}/{total_steps}")
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    batches = batch_stream(
+        accelerator,
+        train_examples,
+        batch_size=t.batch_size,
+        seed=t.seed,
+        pad_id=pad_id,
+        position=state["position"],
+    )
+    eval_batches = None
+    if eval_examples:
+        eval_batches = fixed_batches(
+            eval_examples,
+            batch_size=t.batch_size,
+            pad_id=pad_id,
+            device=accelerator.device,
+            limit=t.eval_batches,
+        )
+    autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
+
+    def run_eval() -> dict[str, float]:
+        metrics = evaluate(
+            student,
+            eval_batches,
+            teacher=eval_teacher,
+            vocab_size=vocab_size,
+            autocast_dtype=autocast_dtype,
+        )
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    log = MetricsLog(out, enabled=main, resume_step=state["step"])
+    params = [p for p in student.parameters() if p.requires_grad]
+    bar = tqdm(
+        total=total_steps, initial=state["step"], desc=f"train {method.name}", disable=not main
+    )
+    run_tokens, run_time, last_eval = 0, 0.0, None
+    in_update = False
+    try:
+        while state["step"] < total_steps:
+            t0 = time.perf_counter()
+            # 1) this step's micro-batches and its global count of valid tokens
+            micro = [next(batches) for _ in range(t.grad_accum)]
+            valid = sum((b["labels"] != -100).sum() for b in micro)
+            normalizer = accelerator.reduce(valid.to(accelerator.device), reduction="sum").float()
+            # DDP averages gradients over processes; scale so the result is Σ / global count.
+            normalizer = normalizer / accelerator.num_processes
+            step_tokens = int(sum(b["attention_mask"].sum() for b in micro))
+            # 2) forward / backward
+            loss_total = torch.zeros((), device=accelerator.device)
+            terms_total: dict[str, Tensor] = {}
+            for b in micro:
+                with torch.autocast(
+                    accelerator.device.type,
+                    dtype=torch.bfloat16,
+                    enabled=autocast_dtype is not None,
+                ):
+                    loss, terms = method.loss(student, teacher, b, normalizer)
+                accelerator.backward(loss)
+                loss_total += loss.detach()
+                for k, v in terms.items():
+                    terms_total[k] = terms_total.get(k, 0.0) + v
+            # 3) refuse non-finite values before they touch the weights
+            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            loss_value = loss_total.item()  # host sync: once per step, needed for the NaN guard
+            if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+                raise NonFiniteLoss(
+                    f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step "
+                    f"{state['step'] + 1}; stopped before the update. The last good checkpoint "
+                    f"({find_checkpoint(out) or 'none yet'}) is untouched. Try a lower train.lr, "
+                    "train.precision=fp32, or check the data."
+                )
+            # 4) update
+            in_update = True
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            in_update = False
+            state["step"] += 1
+            state["tokens"] += step_tokens * accelerator.num_processes
+            run_tokens += step_tokens * accelerator.num_processes
+            run_time += time.perf_counter() - t0
+            step = state["step"]
+            # 5) log / evaluate / checkpoint
+            tokens_per_s = run_tokens / max(run_time, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            if step % t.log_every == 0 or step == total_steps or step == 1:
+                row = {
+                    "step": step,
+                    "loss": loss_value,
+                    **{k: float(v) for k, v in terms_total.items()},
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens": state["tokens"],
+                    "tokens_per_s": tokens_per_s,
+                }
+                log.log(row)
+                if on_log:
+                    on_log(row)
+            if eval_batches and t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                last_eval = run_eval()
+                log.log({"step": step, "tokens": state["tokens"], **last_eval})
+            if t.save_every and step % t.save_every == 0 and step < total_steps:
+                save_checkpoint(accelerator, out, state)
+    except KeyboardInterrupt:
+        if not in_update:  # weights and optimizer are consistent between steps
+            save_checkpoint(accelerator, out, state)
+            if main:
+                print(
+                    f"\ninterrupted at step {state['step']}: checkpoint saved; run again to resume"
+                )
+        raise
+    finally:
+        bar.close()
+    if eval_batches:
+        last_eval = run_eval()
+        log.log({"step": state["step"], "tokens": state["tokens"], **last_eval})
+    save_checkpoint(accelerator, out, state)
+    model_dir = save_model(accelerator, student, tokenizer, out / "model") if t.save_model else None
+    history = log.rows
+    log.close()
+    return TrainResult(
+        output_dir=out,
+        model_dir=model_dir,
+        steps=state["step"],
+        tokens=state["tokens"],
+        seconds=run_time,
+        history=history,
+        eval={k.removeprefix("eval/"): v for k, v in last_eval.items()} if last_eval else None,
+    )

@@ -1,0 +1,183 @@
+"""The training loop on tiny random models: learning, checkpoints, exact resume, NaN guard,
+exact gradient accumulation, and the saved student."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from potstill.data import tokenize_records
+from potstill.methods import build_method
+from potstill.models import prune_layers
+from potstill.recipe import load_recipe
+from potstill.train import NonFiniteLoss, lr_multiplier, train
+
+RECORDS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
+        ]
+    }
+    for a, b in [(1, 2), (3, 4), (10, 7), (8, 8), (12, 30), (5, 9), (21, 21), (6, 1)]
+] + [
+    {"text": "To be, or not to be, that is the question."},
+    {"prompt": "Say hi:", "completion": " hi there"},
+]
+
+
+def tiny_llama(vocab: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def setup(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    teacher = tiny_llama(len(tok), seed=1)
+    examples, _ = tokenize_records(RECORDS, tok, max_length=64)
+    return tok, teacher, examples
+
+
+def run(tmp_path, setup, *overrides, student=None, method_patch=None, on_log=None):
+    tok, teacher, examples = setup
+    recipe = load_recipe(
+        None,
+        [
+            "teacher.model=unused", "student.init=prune", "student.keep_layers=[0, 3]",
+            f"train.output_dir={tmp_path}", "train.batch_size=2", "train.lr=1e-2", "train.warmup_steps=1",
+            "train.precision=fp32", "train.log_every=1", "train.save_every=2", *overrides,
+        ],
+    )  # fmt: skip
+    method = build_method(recipe, vocab_size=len(tok))
+    if method_patch:
+        method = method_patch(method)
+    student = (student if student is not None else prune_layers(teacher, [0, 3])).requires_grad_(
+        True
+    )
+    result = train(
+        recipe, method, student=student, tokenizer=tok, train_examples=examples, eval_examples=examples[:4],
+        teacher=teacher if method.needs_teacher else None, eval_teacher=teacher, vocab_size=len(tok), on_log=on_log,
+    )  # fmt: skip
+    return result, student
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_kd_learns_and_writes_everything(tmp_path, setup):
+    result, student = run(tmp_path, setup, "train.max_steps=12", "train.eval_every=6")
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3  # it learns
+    kl = [r["eval/teacher_kl"] for r in result.history if "eval/teacher_kl" in r]
+    assert len(kl) == 2 and kl[-1] < kl[0] + 1e-6 and result.eval["teacher_kl"] == kl[-1]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "soft", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    assert (tmp_path / "recipe.yaml").is_file() and any((tmp_path / "tensorboard").iterdir())
+    ckpt = tmp_path / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 12
+    assert (ckpt / "model.safetensors").is_file()
+    # the final student is a loadable Hugging Face directory with the tokenizer
+    loaded = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert loaded.config.num_hidden_layers == 2
+    for k, v in load_file(result.model_dir / "model.safetensors").items():
+        torch.testing.assert_close(v, student.state_dict()[k])
+    assert (result.model_dir / "tokenizer_config.json").is_file()
+
+
+def test_sft_runs_without_teacher(tmp_path, setup):
+    result, _ = run(tmp_path, setup, "method=sft", "train.max_steps=3")
+    assert result.steps == 3 and "hard" in result.history[0] and "soft" not in result.history[0]
+    assert "teacher_kl" in result.eval  # still measured against the eval teacher
+
+
+def test_resume_after_crash_is_exact(tmp_path, setup):
+    _, teacher, _ = setup
+    _, s1 = run(tmp_path / "a", setup, "train.max_steps=5", student=prune_layers(teacher, [0, 3]))
+
+    def crash(row):
+        if row["step"] == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(
+            tmp_path / "b",
+            setup,
+            "train.max_steps=5",
+            student=prune_layers(teacher, [0, 3]),
+            on_log=crash,
+        )
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
+    resumed, s2 = run(
+        tmp_path / "b", setup, "train.max_steps=5", student=prune_layers(teacher, [0, 3])
+    )
+    assert resumed.steps == 5
+    for k, v in weights(s1).items():
+        torch.testing.assert_close(weights(s2)[k], v, rtol=0, atol=0)
+    # the metrics history is continuous: steps 1..5 once each
+    steps = [r["step"] for r in resumed.history if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, setup):
+    calls = {"n": 0}
+
+    def poison(method):
+        original = method.loss
+
+        def loss(*args, **kwargs):
+            calls["n"] += 1
+            value, terms = original(*args, **kwargs)
+            return (value * float("nan") if calls["n"] == 3 else value), terms
+
+        method.loss = loss
+        return method
+
+    with pytest.raises(NonFiniteLoss, match=r"step 3.*untouched"):
+        run(tmp_path, setup, "train.max_steps=5", method_patch=poison)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    saved = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert not (tmp_path / "model").exists()
+
+
+def test_gradient_accumulation_is_exact(tmp_path, setup):
+    _, teacher, _ = setup
+    _, a = run(
+        tmp_path / "a",
+        setup,
+        "train.max_steps=1",
+        "train.batch_size=4",
+        student=prune_layers(teacher, [0, 3]),
+    )
+    _, b = run(
+        tmp_path / "b", setup, "train.max_steps=1", "train.batch_size=2", "train.grad_accum=2",
+        student=prune_layers(teacher, [0, 3]),
+    )  # fmt: skip
+    for k, v in weights(a).items():
+        torch.testing.assert_close(weights(b)[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_runs(tmp_path, setup):
+    result, _ = run(tmp_path, setup, "train.max_steps=2", "train.precision=bf16")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history if "loss" in r)
+
+
+def test_lr_schedule_shapes():
+    kw = dict(total=100, warmup=10, min_ratio=0.1)
+    assert lr_multiplier(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_multiplier(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_multiplier(99, schedule="cosine", **kw) == pytest.approx(0.1, abs=2e-3)
+    assert lr_multiplier(55, schedule="linear", **kw) == pytest.approx(0.55)
+    assert lr_multiplier(80, schedule="constant", **kw) == 1.0
