@@ -181,3 +181,22 @@ def test_lr_schedule_shapes():
     assert lr_multiplier(99, schedule="cosine", **kw) == pytest.approx(0.1, abs=2e-3)
     assert lr_multiplier(55, schedule="linear", **kw) == pytest.approx(0.55)
     assert lr_multiplier(80, schedule="constant", **kw) == 1.0
+
+
+def test_fused_and_naive_paths_train_identically(tmp_path, setup):
+    _, teacher, _ = setup
+    runs = {}
+    for path in ("fused", "naive"):
+        result, student = run(
+            tmp_path / path, setup, "train.max_steps=3", f"loss.path={path}", "loss.hard_weight=0.2",
+            "loss.kind=jsd", student=prune_layers(teacher, [0, 3]),
+        )  # fmt: skip
+        runs[path] = (result, weights(student))
+    for k, v in runs["naive"][1].items():
+        torch.testing.assert_close(runs["fused"][1][k], v, rtol=1e-4, atol=1e-4)  # Adam steps are ~1e-2
+    fused_rows = [r for r in runs["fused"][0].history if "loss" in r]
+    naive_rows = [r for r in runs["naive"][0].history if "loss" in r]
+    for a, b in zip(fused_rows, naive_rows, strict=True):
+        assert a["soft"] == pytest.approx(b["soft"], rel=1e-4) and a["hard"] == pytest.approx(
+            b["hard"], rel=1e-4
+        )

@@ -93,6 +93,14 @@ class LossSpec:
     skew_alpha: float = doc("skew_* only: DistiLLM skew coefficient α", 0.1)
     soft_weight: float = doc("weight of the divergence to the teacher", 1.0)
     hard_weight: float = doc("weight of cross-entropy on the data labels", 0.0)
+    path: str = doc(
+        "fused (chunked from hidden states, never [tokens, vocab] logits) | naive (full logits; debug)",
+        "fused",
+    )
+    compile: bool = doc(
+        "fused path: torch.compile the per-chunk softmax work (faster after a warm-up)", False
+    )
+    chunk_size: int | None = doc("fused path: rows per chunk; unset = from a 128 MiB budget", None)
 
 
 @dataclass
@@ -324,6 +332,8 @@ def validate(r: Recipe) -> None:
         )
     except ValueError as e:
         raise RecipeError(f"`loss`: {e}") from None
+    if r.loss.path not in ("fused", "naive"):
+        raise RecipeError(f"`loss.path` must be fused or naive, got {r.loss.path!r}")
     t = r.train
     if t.precision not in ("fp32", "bf16"):
         raise RecipeError(f"`train.precision` must be fp32 or bf16, got {t.precision!r}")

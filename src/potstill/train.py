@@ -339,6 +339,8 @@ def train(
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     log = MetricsLog(out, enabled=main, resume_step=state["step"])
+    if main and hasattr(method, "describe"):
+        print(method.describe())  # which loss path runs, among other things
     params = [p for p in student.parameters() if p.requires_grad]
     bar = tqdm(
         total=total_steps, initial=state["step"], desc=f"train {method.name}", disable=not main

@@ -5,6 +5,10 @@ Teacher signal: the live teacher's full next-token distribution at every supervi
 computed under ``no_grad`` from its final hidden states and LM head.
 Objective: ``soft_weight · divergence(student ‖ teacher) + hard_weight · cross-entropy``.
 Student and teacher must share a vocabulary (``potstill check`` verifies it).
+
+Two paths compute the same loss: ``fused`` (default) projects hidden states through both LM heads a
+chunk of rows at a time and never holds ``[tokens, vocab]`` logits; ``naive`` builds the full
+logits of the supervised positions — the reference, and a debug switch (``loss.path=naive``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from potstill.lm import final_hidden, head_logits
+from potstill.lm import final_hidden, head_logits, lm_head, unwrap
 from potstill.losses import distillation_loss
+from potstill.losses.fused import fused_distill_loss
 from potstill.methods import register
 from potstill.recipe import Recipe
 
@@ -30,8 +35,19 @@ class TokenLevel:
     soft_weight: float = 1.0
     hard_weight: float = 0.0
     vocab_size: int | None = None  # shared real vocabulary; padded head rows are sliced off
+    path: str = "fused"  # fused | naive
+    compile: bool = False  # fused path: torch.compile the per-chunk softmax work
+    chunk_size: int | None = None  # fused path: rows per chunk (None: from a memory budget)
     ignore_index: int = -100
     needs_teacher = True
+
+    def describe(self) -> str:
+        how = (
+            f"fused chunked loss ({'compiled' if self.compile else 'eager'})"
+            if self.path == "fused"
+            else "naive"
+        )
+        return f"token_level: {self.kind}, T={self.temperature}, loss path {how}"
 
     @classmethod
     def from_recipe(cls, r: Recipe, *, vocab_size: int | None) -> TokenLevel:
@@ -44,6 +60,9 @@ class TokenLevel:
             soft_weight=loss.soft_weight,
             hard_weight=loss.hard_weight,
             vocab_size=vocab_size,
+            path=loss.path,
+            compile=loss.compile,
+            chunk_size=loss.chunk_size,
         )
 
     def loss(
@@ -58,12 +77,7 @@ class TokenLevel:
         student_h = final_hidden(student, batch)[mask]  # (N, H_s): only supervised positions
         with torch.no_grad():
             teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
-            teacher_logits = head_logits(teacher, teacher_h, self.vocab_size)  # (N, V)
-        student_logits = head_logits(student, student_h, self.vocab_size)  # (N, V)
-        return distillation_loss(
-            student_logits,
-            teacher_logits,
-            labels[mask],
+        hyper = dict(
             kind=self.kind,
             temperature=self.temperature,
             beta=self.beta,
@@ -73,3 +87,37 @@ class TokenLevel:
             ignore_index=self.ignore_index,
             normalizer=normalizer,
         )
+        fused = self.path == "fused"
+        if fused and (_softcapped(student) or _softcapped(teacher)):
+            if not getattr(self, "_fallback_said", False):
+                print(
+                    "token_level: final-logit soft-capping is not fused; using the naive loss path"
+                )
+                self._fallback_said = True
+            fused = False
+        if fused:
+            s_weight, s_bias = lm_head(student)
+            t_weight, t_bias = lm_head(teacher)
+            v = self.vocab_size or s_weight.shape[0]
+            return fused_distill_loss(
+                student_h,
+                s_weight[:v],
+                labels[mask],
+                teacher_hidden=teacher_h,
+                teacher_weight=t_weight[:v],
+                student_bias=None if s_bias is None else s_bias[:v],
+                teacher_bias=None if t_bias is None else t_bias[:v],
+                chunk_size=self.chunk_size,
+                compile=self.compile,
+                return_terms=True,
+                **hyper,
+            )
+        with torch.no_grad():
+            teacher_logits = head_logits(teacher, teacher_h, self.vocab_size)  # (N, V)
+        student_logits = head_logits(student, student_h, self.vocab_size)  # (N, V)
+        return distillation_loss(student_logits, teacher_logits, labels[mask], **hyper)
+
+
+def _softcapped(model: nn.Module) -> bool:
+    """Final-logit soft-capping (Gemma 2) is not in the fused engine; such models take the naive path."""
+    return bool(getattr(unwrap(model).config, "final_logit_softcapping", None))
