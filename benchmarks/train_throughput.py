@@ -1,0 +1,155 @@
+"""End-to-end tokens/s of token-level KD on the demo pair, potstill against TRL's GKDTrainer.
+
+Teacher SmolLM2-135M-Instruct, student pruned to 6 layers, forward KL, batch 4, rows cut to 256
+tokens, bundled gsm_symbolic chat data, same models and data for both, in one process each:
+TRL's GKDTrainer with lmbda=0 (pure off-policy, i.e. token-level KD) and beta=0 (forward KL), and
+potstill's trainer, at fp32 and at bf16 autocast. Tokens/s counts non-padding input tokens over the
+timed steps (the first steps — warm-up — are excluded). Also prints the share of the bf16 matmul
+peak reached, counting 2·P_teacher + 6·P_student FLOPs per token (embeddings excluded).
+
+    python benchmarks/train_throughput.py                   # both frameworks, fp32 and bf16
+    python benchmarks/train_throughput.py --only potstill --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+STEPS, WARMUP = 12, 2
+
+
+def models():
+    from potstill.models import load_model, load_tokenizer, prune_layers
+
+    teacher = load_model("bundled:smollm2-135m-instruct").eval().requires_grad_(False)
+    student = prune_layers(
+        load_model("bundled:smollm2-135m-instruct"), [0, 6, 12, 18, 24, 29]
+    ).requires_grad_(True)
+    return teacher, student, load_tokenizer("bundled:smollm2-135m-instruct")
+
+
+def records(n: int):
+    from potstill.data import load_records
+
+    return load_records("bundled:rg/gsm_symbolic", limit=n)
+
+
+def run_potstill(precision: str) -> dict:
+    from potstill.data import tokenize_records
+    from potstill.methods import build_method
+    from potstill.recipe import load_recipe
+    from potstill.train import train
+
+    teacher, student, tok = models()
+    examples, _ = tokenize_records(records(4 * STEPS), tok, max_length=256)
+    recipe = load_recipe(
+        None,
+        ["teacher.model=unused", "student.init=prune", "student.keep_layers=[0]",  # models passed in f"train.max_steps={STEPS}",
+         "train.batch_size=4", f"train.precision={precision}", "train.log_every=1", "train.save_every=0",
+         "train.save_model=false", "train.output_dir=/tmp/potstill-throughput", "train.resume=false"],
+    )  # fmt: skip
+    rows = []
+    t_marks = []
+
+    def on_log(row):
+        rows.append(row)
+        t_marks.append(time.perf_counter())
+
+    train(recipe, build_method(recipe, vocab_size=len(tok)), student=student, tokenizer=tok,
+          train_examples=examples, teacher=teacher, vocab_size=len(tok), on_log=on_log)  # fmt: skip
+    tokens = rows[-1]["tokens"] - rows[WARMUP - 1]["tokens"]
+    seconds = t_marks[-1] - t_marks[WARMUP - 1]
+    return {"tokens_per_s": tokens / seconds, "seconds_per_step": seconds / (STEPS - WARMUP)}
+
+
+def run_trl(precision: str) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    teacher, student, tok = models()
+    data = Dataset.from_list([{"messages": r["messages"]} for r in records(4 * STEPS)])
+    marks: list[tuple[float, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    args = GKDConfig(
+        output_dir="/tmp/trl-throughput", lmbda=0.0, beta=0.0, temperature=1.0, max_length=256,
+        per_device_train_batch_size=4, max_steps=STEPS, bf16=precision == "bf16", use_cpu=True,
+        report_to=[], save_strategy="no", logging_steps=1000, include_num_input_tokens_seen="non_padding",
+        learning_rate=5e-4, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok,
+                         callbacks=[Clock()])  # fmt: skip
+    trainer.train()
+    (t0, n0), (t1, n1) = marks[WARMUP - 1], marks[-1]
+    return {"tokens_per_s": (n1 - n0) / (t1 - t0), "seconds_per_step": (t1 - t0) / (STEPS - WARMUP)}
+
+
+def peak_share(tokens_per_s: float) -> float:
+    """Share of the bf16 matmul peak, from a large square matmul measured here."""
+    import torch
+
+    from potstill.models import count_parameters
+
+    teacher, student, _ = models()
+    emb = teacher.get_input_embeddings().weight.numel()
+    flops_per_token = 2 * (count_parameters(teacher) - emb) + 6 * (count_parameters(student) - emb)
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    peak = 10 * 2 * 2048**3 / (time.perf_counter() - t0)
+    return flops_per_token * tokens_per_s / peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--only", choices=["potstill", "trl"])
+    p.add_argument("--precision", nargs="*", default=["fp32", "bf16"])
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        name, precision = args.worker
+        print(json.dumps({"potstill": run_potstill, "trl": run_trl}[name](precision)))
+        return
+    print("| framework | precision | tokens/s | s/step |")
+    print("|---|---|---:|---:|")
+    best_bf16 = None
+    for precision in args.precision:
+        for name in ["potstill", "trl"] if not args.only else [args.only]:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", name, precision],
+                capture_output=True,
+                text=True,
+            )
+            try:
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (IndexError, json.JSONDecodeError):
+                print(
+                    f"| {name} | {precision} | failed: {proc.stderr.strip().splitlines()[-1:]} | |"
+                )
+                continue
+            print(
+                f"| {name} | {precision} | {r['tokens_per_s']:.0f} | {r['seconds_per_step']:.2f} |",
+                flush=True,
+            )
+            if name == "potstill" and precision == "bf16":
+                best_bf16 = r["tokens_per_s"]
+    if best_bf16:
+        print(
+            f"\npotstill bf16 reaches {peak_share(best_bf16):.1%} of the measured bf16 matmul peak"
+        )
+
+
+if __name__ == "__main__":
+    main()
