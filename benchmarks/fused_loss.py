@@ -35,16 +35,9 @@ IMPLS = ["floor", "potstill", "potstill_compiled", "naive", "liger", "liger_comp
 H = 576
 
 
-def rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def rss_kb_meminfo(field: str) -> int:
-    with open("/proc/meminfo") as f:
+def proc_kb(field: str, path: str = "/proc/self/status") -> int:
+    """A ``kB`` field of a /proc file: VmRSS / VmHWM of this process, or MemAvailable."""
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
@@ -150,7 +143,7 @@ def worker(impl: str, n: int, v: int, dtype_name: str, masked: float) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     if impl == "naive":  # full logits, log-probs and their gradients: ~6 fp32 copies of [N, V]
         need_gb = 6 * n * v * 4 / 2**30
-        avail_gb = rss_kb_meminfo("MemAvailable") / 2**20
+        avail_gb = proc_kb("MemAvailable", "/proc/meminfo") / 2**20
         if need_gb > 0.8 * avail_gb:
             return {"error": f"skipped: needs ~{need_gb:.0f} GB, {avail_gb:.0f} GB available"}
     try:
@@ -161,7 +154,7 @@ def worker(impl: str, n: int, v: int, dtype_name: str, masked: float) -> dict:
     for leaf in leaves:
         leaf.grad = None
     gc.collect()
-    base = rss_kb("VmRSS")
+    base = proc_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
     times, loss = [], None
@@ -171,7 +164,7 @@ def worker(impl: str, n: int, v: int, dtype_name: str, masked: float) -> dict:
         times.append(time.perf_counter() - t0)
     return {
         "seconds": min(times),
-        "extra_rss_mb": (rss_kb("VmHWM") - base) / 1024,
+        "extra_rss_mb": (proc_kb("VmHWM") - base) / 1024,
         "loss": float(loss),
     }
 
