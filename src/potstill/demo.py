@@ -21,7 +21,7 @@ from potstill.methods import build_method
 from potstill.models import count_parameters
 from potstill.prepare import load_data, load_models
 from potstill.recipe import Recipe, load_recipe
-from potstill.train import TrainResult, fixed_batches, train
+from potstill.train import TrainResult, autocast_dtype, fixed_batches, pad_token_id, train
 from potstill.utils import atomic_write
 
 # The demo's recipe; `potstill demo key=value ...` overrides any of it.
@@ -60,7 +60,7 @@ def run_demo(
     init_student = copy.deepcopy(models.student)  # the CE baseline starts from the same weights
     data = load_data(kd, tokenizer)
     eval_batches = fixed_batches(
-        data.eval, batch_size=kd.train.batch_size, pad_id=_pad_id(tokenizer)
+        data.eval, batch_size=kd.train.batch_size, pad_id=pad_token_id(tokenizer)
     )
 
     print("measuring the pruned student before training …")
@@ -69,7 +69,7 @@ def run_demo(
         eval_batches,
         teacher=teacher,
         vocab_size=models.vocab_size,
-        autocast_dtype=_autocast(kd),
+        autocast_dtype=autocast_dtype(kd.train.precision),
         progress=True,
     )
     results: dict[str, TrainResult] = {}
@@ -127,16 +127,6 @@ def run_demo(
     )
     print(_table(metrics))
     return metrics
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _autocast(r: Recipe):
-    import torch
-
-    return torch.bfloat16 if r.train.precision == "bf16" else None
 
 
 def _table(m: dict[str, Any]) -> str:

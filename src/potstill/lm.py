@@ -20,23 +20,30 @@ def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return out.hidden_states[-1]
 
 
-def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The output projection as ``(weight (V, H), bias (V,) or None)``."""
+def lm_head(model: nn.Module, vocab_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """The output projection as ``(weight (V, H), bias (V,) or None)``, sliced to ``vocab_size``
+    (padded embedding rows are not real tokens)."""
     head = unwrap(model).get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if vocab_size is not None:
+        weight = weight[:vocab_size]
+        bias = None if bias is None else bias[:vocab_size]
+    return weight, bias
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """The model's final-logit soft-capping value (Gemma 2), or None."""
+    return getattr(unwrap(model).config, "final_logit_softcapping", None) or None
 
 
 def head_logits(model: nn.Module, hidden: Tensor, vocab_size: int | None = None) -> Tensor:
     """Logits for selected hidden states: ``(N, H) -> (N, V)``, sliced to ``vocab_size``.
 
-    Applies the model's final-logit soft-capping when its config has one (Gemma 2).
+    Applies the model's final-logit soft-capping when its config has one.
     """
-    weight, bias = lm_head(model)
-    if vocab_size is not None:  # padded embedding rows are not real tokens
-        weight = weight[:vocab_size]
-        bias = None if bias is None else bias[:vocab_size]
+    weight, bias = lm_head(model, vocab_size)
     logits = nn.functional.linear(hidden, weight, bias)  # (N, V)
-    cap = getattr(unwrap(model).config, "final_logit_softcapping", None)
+    cap = logit_softcap(model)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits

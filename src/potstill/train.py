@@ -91,6 +91,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` (None: plain fp32)."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 # ----------------------------------------------------------------------------- data order
 
 
@@ -306,9 +316,7 @@ def train(
         state = json.loads((ckpt / "state.json").read_text())
         if main:
             print(f"resuming from {ckpt} at step {state['step']}/{total_steps}")
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = pad_token_id(tokenizer)
     batches = batch_stream(
         accelerator,
         train_examples,
@@ -326,7 +334,7 @@ def train(
             device=accelerator.device,
             limit=t.eval_batches,
         )
-    autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
+    amp_dtype = autocast_dtype(t.precision)
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(
@@ -334,7 +342,7 @@ def train(
             eval_batches,
             teacher=eval_teacher,
             vocab_size=vocab_size,
-            autocast_dtype=autocast_dtype,
+            autocast_dtype=amp_dtype,
         )
         return {f"eval/{k}": v for k, v in metrics.items()}
 
@@ -362,9 +370,7 @@ def train(
             terms_total: dict[str, Tensor] = {}
             for b in micro:
                 with torch.autocast(
-                    accelerator.device.type,
-                    dtype=torch.bfloat16,
-                    enabled=autocast_dtype is not None,
+                    accelerator.device.type, dtype=amp_dtype, enabled=amp_dtype is not None
                 ):
                     loss, terms = method.loss(student, teacher, b, normalizer)
                 accelerator.backward(loss)

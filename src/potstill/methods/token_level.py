@@ -13,12 +13,12 @@ logits of the supervised positions — the reference, and a debug switch (``loss
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from potstill.lm import final_hidden, head_logits, lm_head, unwrap
+from potstill.lm import final_hidden, head_logits, lm_head, logit_softcap
 from potstill.losses import distillation_loss
 from potstill.losses.fused import fused_distill_loss
 from potstill.methods import register
@@ -39,6 +39,7 @@ class TokenLevel:
     compile: bool = False  # fused path: torch.compile the per-chunk softmax work
     chunk_size: int | None = None  # fused path: rows per chunk (None: from a memory budget)
     ignore_index: int = -100
+    fallback_said: bool = field(default=False, repr=False)  # the naive-fallback note, once
     needs_teacher = True
 
     def describe(self) -> str:
@@ -88,25 +89,24 @@ class TokenLevel:
             normalizer=normalizer,
         )
         fused = self.path == "fused"
-        if fused and (_softcapped(student) or _softcapped(teacher)):
-            if not getattr(self, "_fallback_said", False):
+        if fused and (logit_softcap(student) or logit_softcap(teacher)):
+            if not self.fallback_said:
                 print(
                     "token_level: final-logit soft-capping is not fused; using the naive loss path"
                 )
-                self._fallback_said = True
+                self.fallback_said = True
             fused = False
         if fused:
-            s_weight, s_bias = lm_head(student)
-            t_weight, t_bias = lm_head(teacher)
-            v = self.vocab_size or s_weight.shape[0]
+            s_weight, s_bias = lm_head(student, self.vocab_size)
+            t_weight, t_bias = lm_head(teacher, self.vocab_size)
             return fused_distill_loss(
                 student_h,
-                s_weight[:v],
+                s_weight,
                 labels[mask],
                 teacher_hidden=teacher_h,
-                teacher_weight=t_weight[:v],
-                student_bias=None if s_bias is None else s_bias[:v],
-                teacher_bias=None if t_bias is None else t_bias[:v],
+                teacher_weight=t_weight,
+                student_bias=s_bias,
+                teacher_bias=t_bias,
                 chunk_size=self.chunk_size,
                 compile=self.compile,
                 return_terms=True,
@@ -116,8 +116,3 @@ class TokenLevel:
             teacher_logits = head_logits(teacher, teacher_h, self.vocab_size)  # (N, V)
         student_logits = head_logits(student, student_h, self.vocab_size)  # (N, V)
         return distillation_loss(student_logits, teacher_logits, labels[mask], **hyper)
-
-
-def _softcapped(model: nn.Module) -> bool:
-    """Final-logit soft-capping (Gemma 2) is not in the fused engine; such models take the naive path."""
-    return bool(getattr(unwrap(model).config, "final_logit_softcapping", None))
