@@ -108,13 +108,11 @@ def make_step(impl: str, n: int, v: int, dtype, masked: float):
             return loss
 
     elif impl == "floor":
-        from potstill.losses.fused import _projection_layout
-
         rows = (labels != -100).nonzero().squeeze(1)
 
         def step():
             with torch.no_grad():
-                w_s, w_t = _projection_layout(ws), _projection_layout(wt)  # (H, V), fastest layout
+                w_s, w_t = ws.T, wt.T  # (H, V) views
                 s = torch.empty(FLOOR_CHUNK, v, dtype=dtype)
                 t = torch.empty(FLOOR_CHUNK, v, dtype=dtype)
                 gw = torch.zeros(v, H, dtype=dtype)
