@@ -1,10 +1,11 @@
 """Fused distillation loss: time and memory of forward+backward against the anchors.
 
 Each (implementation, N, V, dtype) runs in its own process so peak RSS is its own:
-seconds = best of 3 forward+backward after one warm-up; extra RSS = peak RSS (VmHWM, reset after
-the warm-up so compilation does not count) minus the RSS just before the timed runs: the memory a
-training step's loss needs on top of its inputs, including the gradients it returns. Workload: generalized JSD, β=0.5, T=1, H=576, every label
-valid (no ignored positions to skip) unless --masked says otherwise.
+seconds = best of --repeats (3) forward+backward after one warm-up (one run when the warm-up took
+over --slow-seconds); extra RSS = peak RSS (VmHWM, reset after the warm-up so compilation does not
+count) minus the RSS just before the timed runs: the memory a training step's loss needs on top of
+its inputs, including the gradients it returns. Workload: generalized JSD, β=0.5, T=1, H=576,
+every label valid (no ignored positions to skip) unless --masked says otherwise.
 
 Implementations:
   naive            full [N, V] logits in PyTorch, potstill.losses.distillation_loss, autograd
@@ -13,8 +14,8 @@ Implementations:
   trl              TRL ChunkedDivergenceFunction (the GKD/distillation trainer's chunked kernel)
   potstill         potstill.losses.fused_distill_loss
   potstill_compiled  the same with compile=True
-  floor            the four [N, V, H] matmuls alone (both projections, dL/dh, dL/dW), in the
-                   same chunks as potstill: the time no implementation can beat
+  floor            the four [N, V, H] matmuls alone (both projections, dL/dh, dL/dW), in
+                   1,024-row blocks: the time no implementation can beat
 
     python benchmarks/fused_loss.py                  # the full grid (slow: ~1 h on 2 cores)
     python benchmarks/fused_loss.py --n 4096 --v 49152
@@ -135,7 +136,9 @@ def make_step(impl: str, n: int, v: int, dtype, masked: float):
     return run, (hs, ws)
 
 
-def worker(impl: str, n: int, v: int, dtype_name: str, masked: float) -> dict:
+def worker(
+    impl: str, n: int, v: int, dtype_name: str, masked: float, repeats: int, slow_seconds: float
+) -> dict:
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -148,7 +151,9 @@ def worker(impl: str, n: int, v: int, dtype_name: str, masked: float) -> dict:
         run, leaves = make_step(impl, n, v, dtype, masked)
     except ImportError as e:
         return {"error": f"not installed ({e.name}): pip install -e '.[bench]'"}
+    t0 = time.perf_counter()
     run()  # warm-up (and compilation: its memory is not the loss's)
+    warmup = time.perf_counter() - t0
     for leaf in leaves:
         leaf.grad = None
     gc.collect()
@@ -156,7 +161,8 @@ def worker(impl: str, n: int, v: int, dtype_name: str, masked: float) -> dict:
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
     times, loss = [], None
-    for _ in range(3):
+    # Slow implementations on big shapes are timed once: their figure is far from the floor anyway.
+    for _ in range(repeats if warmup < slow_seconds else 1):
         t0 = time.perf_counter()
         loss = run()
         times.append(time.perf_counter() - t0)
@@ -164,6 +170,7 @@ def worker(impl: str, n: int, v: int, dtype_name: str, masked: float) -> dict:
         "seconds": min(times),
         "extra_rss_mb": (proc_kb("VmHWM") - base) / 1024,
         "loss": float(loss),
+        "runs": len(times),
     }
 
 
@@ -178,12 +185,23 @@ def main() -> None:
     p.add_argument(
         "--masked", type=float, default=0.0, help="fraction of labels set to ignore_index"
     )
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (best)")
+    p.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=60.0,
+        help="an implementation whose warm-up takes longer is timed once",
+    )
     p.add_argument("--worker", nargs=4, metavar=("IMPL", "N", "V", "DTYPE"), help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
     if args.worker:
         impl, n, v, dt = args.worker
-        print(json.dumps(worker(impl, int(n), int(v), dt, args.masked)))
+        print(
+            json.dumps(
+                worker(impl, int(n), int(v), dt, args.masked, args.repeats, args.slow_seconds)
+            )
+        )
         return
     results = []
     print(
@@ -205,6 +223,10 @@ def main() -> None:
                         dt,
                         "--masked",
                         str(args.masked),
+                        "--repeats",
+                        str(args.repeats),
+                        "--slow-seconds",
+                        str(args.slow_seconds),
                     ]
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     try:
@@ -220,8 +242,9 @@ def main() -> None:
                         floor = r["seconds"]
                     ratio = f"{r['seconds'] / floor:.2f}" if floor else ""
                     loss = "" if r["loss"] != r["loss"] else f"{r['loss']:.5f}"
+                    once = " (1 run)" if r["runs"] == 1 and args.repeats > 1 else ""
                     print(
-                        f"| {n} | {v} | {dt} | {impl} | {r['seconds']:.2f} | {ratio} | {r['extra_rss_mb']:.0f} | {loss} |",
+                        f"| {n} | {v} | {dt} | {impl} | {r['seconds']:.2f}{once} | {ratio} | {r['extra_rss_mb']:.0f} | {loss} |",
                         flush=True,
                     )
     if args.json:
