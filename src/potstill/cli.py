@@ -1,4 +1,4 @@
-"""potstill's command line: ``train``, ``check``, ``demo`` and ``keys``."""
+"""potstill's command line: ``train``, ``check``, ``generate``, ``serve``, ``demo`` and ``keys``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from potstill.train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _needs_generated_data(recipe, args.recipe)
     models = load_models(recipe)
     data = load_data(recipe, models.tokenizer)
     method = build_method(recipe, vocab_size=models.vocab_size)
@@ -43,6 +44,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _waiting_for_generate(recipe) -> bool:
+    """True when the training data is this recipe's `potstill generate` output, not written yet."""
+    from pathlib import Path
+
+    return recipe.data.train == recipe.generate.output and not Path(recipe.data.train).exists()
+
+
+def _needs_generated_data(recipe, path: str) -> None:
+    from potstill.recipe import RecipeError
+
+    if _waiting_for_generate(recipe):
+        raise RecipeError(
+            f"data.train {recipe.data.train} does not exist yet: "
+            f"run `potstill generate {path}` first"
+        )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from potstill.generate import run_generate
+    from potstill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    report = run_generate(recipe)
+    print(report.table())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from potstill.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, dtype=args.dtype, batch_size=args.batch_size)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from potstill.data import load_records, record_format
     from potstill.prepare import preflight
@@ -52,6 +87,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"recipe OK: method {recipe.method}")
     for key, value in preflight(recipe).items():
         print(f"  {key}: {value}")
+    if _waiting_for_generate(recipe):
+        print(
+            f"  train data: {recipe.data.train} not written yet (`potstill generate {args.recipe}`)"
+        )
+        print("check passed")
+        return 0
     records = load_records(
         recipe.data.train, split=recipe.data.train_split, limit=recipe.data.max_train_records
     )
@@ -91,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
               potstill demo                                   # the whole story on the bundled models
               potstill check recipes/token_level_forward_kl.yaml
               potstill train recipes/token_level_forward_kl.yaml train.max_steps=2
+              potstill generate recipes/sequence_level.yaml   # teacher completions, then train
+              potstill serve bundled:smollm2-135m-instruct    # an OpenAI-compatible teacher
               potstill keys                                   # every recipe key with its meaning
             """
         ),
@@ -108,6 +151,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(p)
     p.set_defaults(fn=cmd_check)
+    p = sub.add_parser(
+        "generate",
+        help="write teacher completions for sequence-level / CoT distillation (resumable)",
+        description=(
+            "Generate teacher completions for the recipe's `generate` prompts, verify final "
+            "answers, keep what `generate.keep` says, and write a JSONL that `potstill train` "
+            "reads as data.train. Re-running the same command resumes."
+        ),
+    )
+    _add_recipe_args(p)
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL (Hub id, local dir, .gguf or bundled:NAME) over an "
+        "OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).",
+    )
+    p.add_argument("model", help="Hub id, local directory, .gguf file or bundled:NAME")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="weights dtype (default: float32)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)"
+    )
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser(
         "demo",
         help="distil the bundled SmolLM2 into a 6-layer student and report",

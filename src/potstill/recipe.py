@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,7 +133,99 @@ class TrainSpec:
     save_model: bool = doc("save the final student as a Hugging Face model directory", True)
 
 
-METHODS_DOC = "token_level (logit KD from a live teacher) | sft (cross-entropy only, no teacher)"
+@dataclass
+class GenerateSpec:
+    """``potstill generate``: the teacher writes completions for training (sequence-level / CoT KD)."""
+
+    prompts: str = doc(
+        "prompt source (any data.train source); messages -> all but the final assistant turn, "
+        "prompt+completion -> the prompt",
+        "bundled:rg/basic_arithmetic",
+    )
+    prompts_split: str = doc("split of `prompts` to read", "train")
+    max_prompts: int | None = doc("use at most this many prompts (unset = all)", None)
+    output: str = doc(
+        "JSONL the completions go to, read by `potstill train` as data.train; "
+        "<output>.ledger.jsonl makes it resumable, <output>.report.json sums it up",
+        "runs/generate/completions.jsonl",
+    )
+    backend: str = doc(
+        "hf (local transformers) | openai (any OpenAI-compatible server, e.g. potstill serve, "
+        "vLLM, SGLang) | vllm (offline engine, GPU)",
+        "hf",
+    )
+    model: str | None = doc(
+        "openai: the server's model name; hf / vllm: model to load (unset = teacher.model, "
+        "loaded with teacher.dtype and teacher.trust_remote_code)",
+        None,
+    )
+    base_url: str | None = doc(
+        "openai: server URL, e.g. http://127.0.0.1:8000/v1 (potstill serve)", None
+    )
+    api_key_env: str | None = doc(
+        "openai: NAME of the environment variable holding the API key (e.g. OPENAI_API_KEY), "
+        "never the key itself; unset = no key",
+        None,
+    )
+    chat: str = doc(
+        "openai: auto (chat endpoint for message prompts, completions for strings) | chat | "
+        "completions",
+        "auto",
+    )
+    n: int = doc("samples per prompt (best-of-n with keep=first_correct)", 1)
+    temperature: float = doc(
+        "sampling temperature; 0 = greedy, the teacher's mode (Kim & Rush 2016)", 0.0
+    )
+    top_p: float = doc("nucleus sampling mass (1 = off)", 1.0)
+    max_new_tokens: int = doc("completion length cap; cut samples get finish_reason length", 256)
+    stop: list[str] = doc(
+        "stop strings; the completion ends before the first", default_factory=list
+    )
+    seed: int = doc(
+        "sampling seed; backends seed per prompt (hf: per sample from seed, prompt and index), so "
+        "a resumed run writes what an uninterrupted one would",
+        0,
+    )
+    batch_size: int = doc(
+        "prompts per backend call, and the most a kill can lose (hf: batch_size × n sequences "
+        "decode together)",
+        16,
+    )
+    concurrency: int = doc("openai: requests in flight at once", 8)
+    max_retries: int = doc("openai: retries of a failed request (with back-off)", 5)
+    timeout: float = doc("openai: seconds per request", 60.0)
+    verify: str = doc(
+        "none | auto (reasoning_gym for records with a reasoning-gym task, else the first of "
+        "answer_line, hash, boxed, number (numeric answers only) that finds one) | answer_line "
+        "(last 'Answer: X') | number (last number) | hash (GSM8K '#### N') | boxed (\\boxed{…}) | "
+        "reasoning_gym "
+        "(the task's score_answer); checked against each record's `answer`",
+        "auto",
+    )
+    keep: str = doc(
+        "all (every sample) | correct (every verified-correct sample) | first_correct "
+        "(best-of-n: the first correct sample per prompt; rejection sampling as in STaR)",
+        "all",
+    )
+    reasoning: str = doc(
+        "none: prompts go to the teacher as they are; think: the teacher is asked to reason in "
+        "<think>…</think> and end with 'Answer: X', the answer is read after </think> (no closed "
+        "block = no answer). Either way a record holds the original prompt and the teacher's whole "
+        "reply, so the student learns to reason unprompted",
+        "none",
+    )
+    instruction: str | None = doc(
+        "text appended to the last user turn (or string prompt), for the teacher only; "
+        "unset = reasoning's default (think: the <think> instruction; none: nothing)",
+        None,
+    )
+
+
+METHODS_DOC = (
+    "token_level (logit KD from a live teacher) | sft (cross-entropy only, no teacher) | "
+    "sequence_level (cross-entropy on teacher completions written by `potstill generate`; "
+    "no teacher while training)"
+)
 
 
 @dataclass
@@ -143,6 +236,10 @@ class Recipe:
     data: DataSpec = doc("sequences to train and evaluate on", default_factory=DataSpec)
     loss: LossSpec = doc("the objective", default_factory=LossSpec)
     train: TrainSpec = doc("the optimisation loop", default_factory=TrainSpec)
+    generate: GenerateSpec = doc(
+        "teacher completions for sequence-level / CoT distillation (`potstill generate`)",
+        default_factory=GenerateSpec,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,3 +447,63 @@ def validate(r: Recipe) -> None:
         raise RecipeError(f"`train.betas` takes two numbers, got {t.betas}")
     if r.data.max_length < 2:
         raise RecipeError(f"`data.max_length` must be ≥ 2, got {r.data.max_length}")
+    validate_generate(r.generate)
+
+
+GENERATE_CHOICES = {
+    "backend": ("hf", "openai", "vllm"),
+    "chat": ("auto", "chat", "completions"),
+    "keep": ("all", "correct", "first_correct"),
+    "reasoning": ("none", "think"),
+}
+
+
+def validate_generate(g: GenerateSpec) -> None:
+    """Checks of the `generate` section that need no model (the model itself: run_generate)."""
+    from potstill.verify import VERIFY_MODES
+
+    for key, choices in {**GENERATE_CHOICES, "verify": VERIFY_MODES}.items():
+        value = getattr(g, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise RecipeError(
+                f"`generate.{key}` must be one of {', '.join(choices)}, got {value!r}{hint}"
+            )
+    for key in ("n", "max_new_tokens", "batch_size", "concurrency"):
+        if getattr(g, key) < 1:
+            raise RecipeError(f"`generate.{key}` must be ≥ 1, got {getattr(g, key)}")
+    if g.max_prompts is not None and g.max_prompts < 1:
+        raise RecipeError(f"`generate.max_prompts` must be ≥ 1 or unset, got {g.max_prompts}")
+    if g.max_retries < 0 or g.timeout <= 0:
+        raise RecipeError(
+            f"`generate.max_retries` must be ≥ 0 and `generate.timeout` > 0, got "
+            f"{g.max_retries} and {g.timeout}"
+        )
+    if g.temperature < 0:
+        raise RecipeError(f"`generate.temperature` must be ≥ 0 (0 = greedy), got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise RecipeError(f"`generate.top_p` must be in (0, 1], got {g.top_p}")
+    if g.n > 1 and g.temperature == 0:
+        raise RecipeError(
+            f"`generate.n={g.n}` with `generate.temperature=0` draws {g.n} identical greedy "
+            "samples; set generate.temperature > 0 (e.g. 0.8) or generate.n=1"
+        )
+    if g.keep != "all" and g.verify == "none":
+        raise RecipeError(
+            f"`generate.keep: {g.keep}` needs a verifier, but `generate.verify` is none; "
+            "set generate.verify (e.g. auto) or generate.keep=all"
+        )
+    name = g.api_key_env
+    if name is not None and (
+        not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)
+        or (len(name) >= 24 and not name.isupper())
+    ):
+        raise RecipeError(
+            "`generate.api_key_env` is the NAME of an environment variable that holds the key "
+            "(e.g. OPENAI_API_KEY), not the key itself; export the key and name the variable"
+        )
+    if not g.output.endswith(".jsonl"):
+        raise RecipeError(
+            f"`generate.output` must be a .jsonl file (potstill train reads it), got {g.output!r}"
+        )

@@ -235,7 +235,11 @@ def _split_of(question: str) -> str:
 
 
 def rg_record(task: str, entry: dict) -> dict:
-    """One reasoning-gym entry -> {"messages": [user, assistant], "answer": ..., "task": ...}."""
+    """One reasoning-gym entry -> {"messages": [user, assistant], "answer", "task", "metadata"}.
+
+    The entry's metadata rides along because many tasks' ``score_answer`` reads it (see
+    ``potstill.verify``); tokenisation ignores it.
+    """
     return {
         "messages": [
             {"role": "user", "content": entry["question"]},
@@ -243,6 +247,7 @@ def rg_record(task: str, entry: dict) -> dict:
         ],
         "answer": str(entry["answer"]),
         "task": task,
+        "metadata": entry.get("metadata") or {},
     }
 
 

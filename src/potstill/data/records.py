@@ -113,13 +113,17 @@ def _check_messages(messages: Any, key: str, found: str) -> None:
 # sources
 
 
-def load_records(source: str, *, split: str = "train", limit: int | None = None) -> list[dict]:
+def load_records(
+    source: str, *, split: str = "train", limit: int | None = None, validate: bool = True
+) -> list[dict]:
     """Load and validate records from `source`.
 
     source: a .jsonl/.json/.csv/.parquet file; a folder written by `datasets.save_to_disk`; a
     folder of data files (files named after splits, e.g. `train.jsonl`, are picked by `split`);
     `bundled:NAME` (see `potstill.data.bundled`); or a Hugging Face Hub dataset id.
     limit: keep only the first `limit` records.
+    validate: check each record's shape (off for prompt-only records, e.g. `potstill generate`'s
+    prompts, which are checked by their own reader).
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of records, got {limit}")
@@ -141,7 +145,7 @@ def load_records(source: str, *, split: str = "train", limit: int | None = None)
         records = records[:limit]
     if not records:
         raise DataError(f"{source} (split {split!r}) has no records; point at a non-empty source")
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(records if validate else ()):
         try:
             record_format(rec)
         except DataError as e:

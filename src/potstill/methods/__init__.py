@@ -47,4 +47,4 @@ def build_method(recipe: Recipe, *, vocab_size: int | None) -> Method:
 
 
 # Registration happens on import.
-from potstill.methods import sft, token_level  # noqa: E402, F401
+from potstill.methods import sequence_level, sft, token_level  # noqa: E402, F401

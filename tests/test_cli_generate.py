@@ -1,0 +1,112 @@
+"""The `generate` and `serve` commands: argument parsing, the generate recipes, recipe checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from potstill.cli import build_parser, cmd_generate, cmd_serve, main
+from potstill.methods import METHODS
+from potstill.recipe import RecipeError, load_recipe
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def test_generate_and_serve_arguments():
+    args = build_parser().parse_args(["generate", "r.yaml", "generate.n=2", "generate.seed=3"])
+    assert (args.fn, args.recipe, args.overrides) == (cmd_generate, "r.yaml", ["generate.n=2", "generate.seed=3"])  # fmt: skip
+    args = build_parser().parse_args(["serve", "bundled:smollm2-135m-instruct"])
+    assert args.fn is cmd_serve
+    assert (args.host, args.port, args.dtype, args.batch_size) == ("127.0.0.1", 8000, "float32", 16)
+    args = build_parser().parse_args(
+        ["serve", "m", "--host", "0.0.0.0", "--port", "9001", "--dtype", "bfloat16", "--batch-size", "4"]
+    )  # fmt: skip
+    assert (args.host, args.port, args.dtype, args.batch_size) == ("0.0.0.0", 9001, "bfloat16", 4)
+    for argv in (["generate", "--help"], ["serve", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+
+
+def test_serve_calls_potstill_serve(monkeypatch):
+    import potstill.serve
+
+    calls = []
+    monkeypatch.setattr(potstill.serve, "serve", lambda model, **kw: calls.append((model, kw)))
+    assert main(["serve", "./my-teacher", "--port", "9001", "--batch-size", "4"]) == 0
+    assert calls == [
+        ("./my-teacher", {"host": "127.0.0.1", "port": 9001, "dtype": "float32", "batch_size": 4})
+    ]
+
+
+def test_keys_lists_the_generate_section(capsys):
+    assert main(["keys"]) == 0
+    out = capsys.readouterr().out
+    for line in ("generate.prompts = 'bundled:rg/basic_arithmetic'", "generate.verify = 'auto'",
+                 "generate.keep = 'all'", "generate.reasoning = 'none'", "generate.api_key_env = None"):  # fmt: skip
+        assert line in out
+    assert "sequence_level" in out  # in the method's documentation
+
+
+@pytest.mark.parametrize("name", ["sequence_level.yaml", "cot_distill.yaml"])
+def test_generate_recipes(name):
+    text = (RECIPES / name).read_text()
+    assert f"potstill generate recipes/{name}" in text and f"potstill train recipes/{name}" in text
+    r = load_recipe(RECIPES / name)
+    assert r.method == "sequence_level" and not METHODS[r.method].needs_teacher
+    assert r.data.train == r.generate.output  # train reads what generate writes
+    assert r.student.keep_layers == [0, 6, 12, 18, 24, 29]
+
+
+def test_cot_recipe_samples_and_filters():
+    r = load_recipe(RECIPES / "cot_distill.yaml")
+    g = r.generate
+    assert (g.n, g.verify, g.keep) == (8, "reasoning_gym", "first_correct") and g.temperature > 0
+    assert g.prompts.startswith("bundled:rg/basic_arithmetic?")
+
+
+def test_train_before_generate_names_the_command(tmp_path, capsys):
+    missing = tmp_path / "c.jsonl"
+    recipe = RECIPES / "sequence_level.yaml"
+    code = main(["train", str(recipe), f"generate.output={missing}", f"data.train={missing}"])
+    assert code == 2
+    assert f"run `potstill generate {recipe}` first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["generate.keep=correct", "generate.verify=none"], "needs a verifier"),
+        (["generate.n=4", "generate.temperature=0"], "identical greedy samples"),
+        (["generate.api_key_env=sk-abc123"], "NAME of an environment variable"),
+        (["generate.backend=ollama"], "must be one of hf, openai, vllm"),
+        (["generate.verify=exact"], "`generate.verify` must be one of none, auto"),
+        (["generate.reasoning=thinking"], "did you mean `think`"),
+        (["generate.output=out.json"], "must be a .jsonl file"),
+        (["generate.verfy=auto"], "did you mean `generate.verify`"),
+    ],
+)
+def test_generate_section_is_validated(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(RECIPES / "sequence_level.yaml", override)
+
+
+def test_openai_backend_needs_url_model_and_key(monkeypatch):
+    from potstill.generate import build_backend
+
+    r = load_recipe(RECIPES / "sequence_level.yaml", ["generate.backend=openai"])
+    with pytest.raises(RecipeError, match=r"needs `generate\.base_url`"):
+        build_backend(r)
+    monkeypatch.delenv("POTSTILL_TEST_KEY", raising=False)
+    r = load_recipe(
+        RECIPES / "sequence_level.yaml",
+        [
+            "generate.backend=openai",
+            "generate.base_url=http://127.0.0.1:9/v1",
+            "generate.model=teacher",
+            "generate.api_key_env=POTSTILL_TEST_KEY",
+        ],
+    )
+    with pytest.raises(RecipeError, match="names POTSTILL_TEST_KEY, which is not set"):
+        build_backend(r)

@@ -1,0 +1,237 @@
+"""HFBackend: batched KV-cached decoding against a cache-free reference, seeded sampling, stops,
+logprobs against a direct forward pass. Tiny random Llama (conftest ``tiny_chat_lm``); one test
+marked `slow` runs the real bundled SmolLM2."""
+
+import copy
+
+import pytest
+import torch
+
+from potstill.generation.base import GenerationError, SamplingParams
+from potstill.generation.hf import HFBackend, check_params, next_tokens, sample_seed
+
+PROMPTS = [
+    "Once upon a time",
+    [{"role": "user", "content": "What is 2+2?"}],
+    "x",
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}],
+    "The quick brown fox jumps over the lazy dog, and then",
+]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_chat_lm):
+    model, tokenizer = tiny_chat_lm
+    return HFBackend(model, tokenizer, batch_size=16)
+
+
+@torch.inference_mode()
+def greedy_reference(model, prompt_ids: list[int], steps: int, eos: int) -> list[int]:
+    """Greedy decoding the slow way: no cache, no padding, the whole sequence every step."""
+    ids = list(prompt_ids)
+    for _ in range(steps):
+        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(token)
+        if token == eos:
+            break
+    return ids[len(prompt_ids) :]
+
+
+def ids_of(backend, completion) -> list[int]:
+    return backend.tokenizer.convert_tokens_to_ids(completion.tokens)
+
+
+# --- greedy decoding ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_batched_greedy_matches_one_at_a_time_and_the_reference(tiny_chat_lm, attn):
+    model, tokenizer = tiny_chat_lm
+    if attn != model.config._attn_implementation:
+        model = copy.deepcopy(model)
+        model.set_attn_implementation(attn)
+    params = SamplingParams(temperature=0, max_new_tokens=12, logprobs=0)
+    batched = HFBackend(model, tokenizer, batch_size=16).generate(PROMPTS, params)
+    single = HFBackend(model, tokenizer, batch_size=1).generate(PROMPTS, params)
+    backend = HFBackend(model, tokenizer)
+    for prompt, [b], [s] in zip(PROMPTS, batched, single, strict=True):
+        assert b.tokens == s.tokens and b.text == s.text
+        expected = greedy_reference(
+            model, backend.prompt_token_ids(prompt), 12, tokenizer.eos_token_id
+        )
+        assert ids_of(backend, b) == expected
+
+
+def test_prompts_are_rendered_with_the_chat_template_or_taken_as_is(backend):
+    chat = backend.prompt_token_ids([{"role": "user", "content": "hi"}])
+    rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert backend.tokenizer.decode(chat) == rendered
+    assert backend.tokenizer.decode(backend.prompt_token_ids("hi")) == "hi"
+
+
+def test_max_new_tokens_gives_length(backend):
+    [[c]] = backend.generate(["abc"], SamplingParams(temperature=0, max_new_tokens=7))
+    assert (c.finish_reason, c.num_tokens) == ("length", 7)
+
+
+def test_eos_gives_stop_and_is_counted_but_not_written(tiny_chat_lm, backend):
+    model, tokenizer = tiny_chat_lm
+    [[free]] = backend.generate(
+        ["abc"], SamplingParams(temperature=0, max_new_tokens=10, logprobs=0)
+    )
+    eos_model = copy.deepcopy(model)  # make the 4th greedy token an EOS via generation_config
+    eos_model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids_of(backend, free)[3]]
+    [[c]] = HFBackend(eos_model, tokenizer).generate(
+        ["abc"], SamplingParams(temperature=0, max_new_tokens=10, logprobs=0)
+    )
+    assert c.finish_reason == "stop"
+    assert c.num_tokens == 4 and c.tokens == free.tokens[:4]
+    assert c.text == tokenizer.decode(ids_of(backend, free)[:3], skip_special_tokens=True)
+
+
+def test_stop_string_cuts_before_it(backend):
+    [[free]] = backend.generate(["Hello"], SamplingParams(temperature=0, max_new_tokens=20))
+    stop = free.text[8:10]
+    [[c]] = backend.generate(
+        ["Hello"], SamplingParams(temperature=0, max_new_tokens=20, stop=("zzzz", stop))
+    )
+    cut = free.text.find(stop)
+    assert c.finish_reason == "stop"
+    assert c.text == free.text[:cut]
+    assert c.num_tokens == cut + len(stop)  # one character per token: up to the stop's end
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_chat_lm, backend):
+    model, tokenizer = tiny_chat_lm
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7)
+    first = backend.generate(PROMPTS, params)
+    assert backend.generate(PROMPTS, params) == first
+    # another batch size, the prompts reversed, a prompt alone: the same samples
+    reordered = HFBackend(model, tokenizer, batch_size=2).generate(PROMPTS[::-1], params)[::-1]
+    assert reordered == first
+    assert backend.generate(PROMPTS[1:2], params) == first[1:2]
+    # n samples differ from each other, and another seed gives other samples
+    assert len({c.text for c in first[0]}) == 3
+    assert backend.generate(PROMPTS, SamplingParams(**{**vars(params), "seed": 8})) != first
+
+
+def test_next_tokens_samples_from_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, 4)  # (4000, V)
+    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+    drawn = next_tokens(logits, 1.0, 1.0, generators)
+    freq = torch.bincount(drawn, minlength=4) / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
+    # top_p=0.75 keeps {0, 1} (0.5 < 0.75 <= 0.8), renormalised to 5/8 and 3/8
+    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+    drawn = next_tokens(logits, 1.0, 0.75, generators)
+    freq = torch.bincount(drawn, minlength=4) / 4000
+    assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0, 0]), atol=0.03)
+    # temperature 0 is argmax and draws nothing
+    assert next_tokens(logits[:2], 0.0, 1.0, []).tolist() == [0, 0]
+
+
+def test_sample_seed_depends_on_seed_prompt_and_index():
+    base = sample_seed(0, [1, 2, 3], 0)
+    assert base == sample_seed(0, [1, 2, 3], 0) and 0 <= base < 2**63
+    assert len({base, sample_seed(1, [1, 2, 3], 0), sample_seed(0, [1, 2], 0)}) == 3
+    assert base != sample_seed(0, [1, 2, 3], 1)
+    assert sample_seed(0, [1, 23], 0) != sample_seed(0, [12, 3], 0)
+
+
+# --- logprobs ----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def test_logprobs_match_a_direct_forward_pass(tiny_chat_lm, backend):
+    model, tokenizer = tiny_chat_lm
+    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=8, seed=3, logprobs=3)
+    results = backend.generate(PROMPTS[:2], params)
+    for prompt, completions in zip(PROMPTS[:2], results, strict=True):
+        prompt_ids = backend.prompt_token_ids(prompt)
+        for c in completions:
+            ids = ids_of(backend, c)
+            assert len(ids) == len(c.token_logprobs) == len(c.top_logprobs) == c.num_tokens
+            logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V) untempered
+            expected = logp.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+            assert torch.allclose(torch.tensor(c.token_logprobs), expected, atol=1e-5)
+            for top, row in zip(c.top_logprobs, logp, strict=True):
+                values, top_ids = row.topk(3)
+                assert list(top) == tokenizer.convert_ids_to_tokens(top_ids.tolist())
+                assert torch.allclose(torch.tensor(list(top.values())), values, atol=1e-5)
+
+
+def test_no_logprobs_unless_asked(backend):
+    [[c]] = backend.generate(["a"], SamplingParams(max_new_tokens=3))
+    assert c.tokens is c.token_logprobs is c.top_logprobs is None
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"n": 0}, "n must be"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be"),
+        ({"stop": "\n"}, r"write stop=\('\\n',\)"),
+        ({"stop": ("",)}, "non-empty"),
+        ({"logprobs": 21}, "logprobs must be between 0 and 20"),
+    ],
+)
+def test_bad_params_name_the_field(change, match):
+    with pytest.raises(GenerationError, match=match):
+        check_params(SamplingParams(**change), vocab_size=100)
+
+
+def test_bad_prompts_say_what_a_prompt_is(tiny_chat_lm, backend):
+    model, tokenizer = tiny_chat_lm
+    with pytest.raises(GenerationError, match="wrap a single prompt in a list"):
+        backend.generate("just a string", SamplingParams())
+    with pytest.raises(GenerationError, match="a prompt is a string or a list of chat messages"):
+        backend.generate([{"role": "user"}], SamplingParams())
+    with pytest.raises(GenerationError, match="empty after tokenization"):
+        backend.generate([""], SamplingParams())
+    with pytest.raises(GenerationError, match="context of 512 tokens"):
+        backend.generate(["a"], SamplingParams(max_new_tokens=600))
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(GenerationError, match="has no chat template"):
+        HFBackend(model, no_template).generate(
+            [[{"role": "user", "content": "hi"}]], SamplingParams()
+        )
+
+
+def test_closed_backend_refuses(tiny_chat_lm):
+    backend = HFBackend(*tiny_chat_lm)
+    backend.close()
+    backend.close()
+    with pytest.raises(GenerationError, match="closed"):
+        backend.generate(["a"], SamplingParams())
+
+
+# --- the real model ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_answers_and_batching_does_not_change_greedy_output():
+    backend = HFBackend("bundled:smollm2-135m-instruct", batch_size=8)
+    assert backend.teacher_id == "bundled:smollm2-135m-instruct"
+    prompts = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Write one short sentence about cats."}],
+        "The capital of Italy is",
+    ]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    batched = backend.generate(prompts, params)
+    single = HFBackend(backend.model, backend.tokenizer, batch_size=1).generate(prompts, params)
+    assert batched == single
+    assert "Paris" in batched[0][0].text
+    assert batched[0][0].finish_reason == "stop"  # the instruct model ends its turn
