@@ -235,3 +235,32 @@ def test_smollm2_answers_and_batching_does_not_change_greedy_output():
     assert batched == single
     assert "Paris" in batched[0][0].text
     assert batched[0][0].finish_reason == "stop"  # the instruct model ends its turn
+
+
+def test_top_p_from_the_top_candidates_equals_the_full_sort(monkeypatch):
+    # The sampler sorts only the top candidates unless they hold less than top_p of the mass;
+    # with only 3 candidates some rows (flat ones) take the full-sort path and others (peaked
+    # ones) do not: both must draw what a full stable sort of the row would.
+    import potstill.generation.hf as hf
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=g) * torch.tensor([0.1, 6.0, 0.1, 6.0, 1.0, 3.0])[:, None]
+    seeds = range(6)
+
+    def reference(row: torch.Tensor, draw: float) -> int:
+        probs = torch.softmax(row / 0.9, -1)
+        sorted_probs, order = probs.sort(descending=True, stable=True)
+        kept = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= 0.8, 0.0)
+        cdf = kept.cumsum(-1)
+        index = int(torch.searchsorted(cdf, torch.tensor([draw * float(cdf[-1])]), right=True))
+        return int(order[min(index, len(cdf) - 1)])
+
+    monkeypatch.setattr(hf, "_TOP_P_CANDIDATES", 3)
+    for trial in range(20):
+        gens = [torch.Generator().manual_seed(1000 * trial + s) for s in seeds]
+        draws = [
+            float(torch.rand((), generator=torch.Generator().manual_seed(1000 * trial + s)))
+            for s in seeds
+        ]
+        got = next_tokens(logits, 0.9, 0.8, gens).tolist()
+        assert got == [reference(logits[i], draws[i]) for i in range(6)]

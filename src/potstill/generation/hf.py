@@ -88,27 +88,54 @@ def sample_seed(seed: int, prompt_ids: Sequence[int], sample_index: int) -> int:
 def next_tokens(
     logits: Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]
 ) -> Tensor:
-    """The next token of each row: argmax when temperature is 0, else a top-p sample.
+    """The next token of each row: argmax when temperature is 0, else a (top-p) sample.
 
     logits: (B, V) float32; generators: one per row, each consumes exactly one uniform number.
-    Sampling is by inverse CDF over the tokens sorted by probability (ties keep vocabulary order),
-    so the choice is a deterministic function of the row's probabilities and its one draw.
-    Top-p keeps the smallest prefix of that order whose mass reaches top_p (Holtzman et al. 2020,
-    "The Curious Case of Neural Text Degeneration"); the most likely token is always kept.
+    Sampling is by inverse CDF, so the choice is a deterministic function of the row's
+    probabilities and its one draw. Without top-p the CDF runs in vocabulary order. With top-p
+    it runs over the tokens sorted by probability, keeping the smallest prefix whose mass reaches
+    top_p (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"); the most likely
+    token is always kept. Sorting a whole [B, V] row costs more than a decode step of a small
+    model, so the sort covers the top 256 tokens, and the whole row only where those hold less
+    than top_p of the mass.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
     probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V), (B, V)
-    if top_p < 1:
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V)
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-    cdf = sorted_probs.cumsum(dim=-1)  # (B, V), unnormalised after top-p
-    draws = torch.stack([torch.rand((), generator=g) for g in generators])  # (B,) on the CPU
-    targets = draws.to(cdf.device) * cdf[:, -1]  # (B,) a point in [0, kept mass)
+    draws = torch.stack([torch.rand((), generator=g) for g in generators]).to(probs.device)  # (B,)
+    if top_p >= 1:
+        return _inverse_cdf(probs, draws)
+    top_probs, order = probs.topk(min(_TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)  # (B, K)
+    short = top_probs.sum(-1) < top_p  # (B,) rows whose nucleus reaches past the top K
+    if short.any():
+        full_probs, full_order = probs[short].sort(dim=-1, descending=True, stable=True)
+        chosen = torch.empty_like(draws, dtype=torch.long)
+        chosen[short] = full_order.gather(-1, _nucleus_index(full_probs, top_p, draws[short]))[:, 0]
+        keep = ~short
+        if keep.any():
+            chosen[keep] = order[keep].gather(
+                -1, _nucleus_index(top_probs[keep], top_p, draws[keep])
+            )[:, 0]
+        return chosen
+    return order.gather(-1, _nucleus_index(top_probs, top_p, draws)).squeeze(-1)  # (B,)
+
+
+_TOP_P_CANDIDATES = 256
+
+
+def _inverse_cdf(probs: Tensor, draws: Tensor) -> Tensor:
+    """(B, V) weights (not necessarily normalised), (B,) uniforms -> (B,) column of each draw."""
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    targets = draws * cdf[:, -1]  # (B,) a point in [0, total mass)
     index = torch.searchsorted(cdf, targets[:, None], right=True)  # (B, 1) first cdf > target
-    index = index.clamp_max(cdf.shape[-1] - 1)  # float round-off at the very top
-    return order.gather(-1, index).squeeze(-1)  # (B,)
+    return index.clamp_max(cdf.shape[-1] - 1).squeeze(-1)  # float round-off at the very top
+
+
+def _nucleus_index(sorted_probs: Tensor, top_p: float, draws: Tensor) -> Tensor:
+    """(B, K) probabilities in descending order -> (B, 1) position of each row's top-p sample."""
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, K)
+    kept = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the first one always stays
+    return _inverse_cdf(kept, draws)[:, None]
 
 
 def first_stop(text: str, stop: Sequence[str]) -> int:
