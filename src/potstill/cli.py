@@ -1,4 +1,5 @@
-"""potstill's command line: ``train``, ``check``, ``generate``, ``serve``, ``demo`` and ``keys``."""
+"""potstill's command line: ``train``, ``check``, ``evaluate``, ``generate``, ``serve``, ``demo``
+and ``keys``."""
 
 from __future__ import annotations
 
@@ -78,6 +79,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from potstill.compare import run_compare
+    from potstill.recipe import load_recipe
+
+    run_compare(load_recipe(args.recipe, args.overrides), args.student, args.report)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from potstill.data import load_records, record_format
     from potstill.prepare import preflight
@@ -151,6 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(p)
     p.set_defaults(fn=cmd_check)
+    p = sub.add_parser(
+        "evaluate",
+        help="saved students side by side on the recipe's held-out set, against its teacher",
+        description=(
+            "Teacher KL, top-1 agreement and perplexity of each --student on the recipe's "
+            "held-out set (one tokenisation for all), e.g. a token-level and a sequence-level "
+            "student trained at the same token budget."
+        ),
+    )
+    _add_recipe_args(p)
+    p.add_argument(
+        "--student",
+        action="append",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="a saved student (a train run's model/ folder); repeat to compare several",
+    )
+    p.add_argument("--report", help="also write the table here (markdown; metrics as .json)")
+    p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser(
         "generate",
         help="write teacher completions for sequence-level / CoT distillation (resumable)",

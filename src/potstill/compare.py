@@ -1,0 +1,109 @@
+"""``potstill evaluate``: students side by side on a recipe's held-out set, against its teacher.
+
+The same metrics as the trainer's held-out evaluation (:mod:`potstill.evaluate`: teacher KL,
+top-1 agreement, perplexity) for any number of saved students, on one tokenisation of one
+held-out set, so students trained by different methods (token-level, sequence-level, CE) are
+compared on equal terms. Writes a markdown report when asked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from potstill.evaluate import evaluate
+from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
+from potstill.prepare import load_data
+from potstill.recipe import Recipe, RecipeError
+from potstill.train import autocast_dtype, fixed_batches, pad_token_id
+from potstill.utils import atomic_write
+
+
+def parse_students(specs: list[str]) -> dict[str, str]:
+    """["NAME=DIR", "DIR", ...] -> {name: dir}; a bare DIR is named after itself."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+        if not Path(path).is_dir():
+            raise RecipeError(f"--student {spec}: {path} is not a saved model directory")
+        out[name] = path
+    return out
+
+
+def compare_students(r: Recipe, students: dict[str, str]) -> dict[str, Any]:
+    """Held-out metrics of the teacher and of every student (``{name: model_dir}``)."""
+    if not r.teacher.model:
+        raise RecipeError("teacher.model is not set: the comparison is against the teacher")
+    teacher = load_model(
+        r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
+    )
+    first = next(iter(students.values()))
+    tokenizer = load_tokenizer(first)
+    data = load_data(r, tokenizer)
+    batches = fixed_batches(
+        data.eval, batch_size=r.train.batch_size, pad_id=pad_token_id(tokenizer)
+    )
+    rows: dict[str, Any] = {}
+    for name, path in students.items():
+        student = load_model(path)
+        vocab_size = check_vocab_compatible(
+            load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code),
+            load_tokenizer(path),
+            teacher_vocab_rows=teacher.get_output_embeddings().weight.shape[0],
+            student_vocab_rows=student.get_output_embeddings().weight.shape[0],
+        )
+        metrics = evaluate(
+            student,
+            batches,
+            teacher=teacher,
+            vocab_size=vocab_size,
+            autocast_dtype=autocast_dtype(r.train.precision),
+            progress=True,
+            desc=name,
+        )
+        rows[name] = {"model_dir": path, "parameters": count_parameters(student), **metrics}
+        del student
+    teacher_ppl = next(iter(rows.values()))["teacher_perplexity"]
+    return {
+        "teacher": {
+            "model": r.teacher.model,
+            "parameters": count_parameters(teacher),
+            "perplexity": teacher_ppl,
+        },
+        "eval": {
+            "source": r.data.eval or r.data.train,
+            "examples": len(data.eval),
+            "tokens": int(next(iter(rows.values()))["eval_tokens"]),
+        },
+        "students": rows,
+    }
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    e = result["eval"]
+    lines = [
+        f"Held-out: {e['examples']} examples, {e['tokens']:,} supervised tokens from {e['source']}.",
+        "",
+        "| model | parameters | teacher KL (nats/token) ↓ | top-1 agreement ↑ | perplexity ↓ |",
+        "|---|---:|---:|---:|---:|",
+        f"| teacher ({result['teacher']['model']}) | {result['teacher']['parameters'] / 1e6:.1f}M "
+        f"| 0 | 100% | {result['teacher']['perplexity']:.2f} |",
+    ]
+    for name, m in result["students"].items():
+        lines.append(
+            f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['teacher_kl']:.3f} "
+            f"| {m['top1_agreement']:.1%} | {m['perplexity']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(r: Recipe, specs: list[str], report: str | None) -> dict[str, Any]:
+    result = compare_students(r, parse_students(specs))
+    text = report_markdown(result)
+    print(text)
+    if report:
+        atomic_write(Path(report), text)
+        atomic_write(Path(report).with_suffix(".json"), json.dumps(result, indent=2))
+        print(f"report: {report}")
+    return result

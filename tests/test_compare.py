@@ -1,0 +1,34 @@
+"""`potstill evaluate`: student specs and the report table."""
+
+from __future__ import annotations
+
+import pytest
+
+from potstill.compare import parse_students, report_markdown
+from potstill.recipe import RecipeError
+
+
+def test_parse_students_names_and_checks_dirs(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    got = parse_students([f"kd={tmp_path / 'a'}", str(tmp_path / "b")])
+    assert got == {"kd": str(tmp_path / "a"), str(tmp_path / "b"): str(tmp_path / "b")}
+    with pytest.raises(RecipeError, match="not a saved model directory"):
+        parse_students([f"x={tmp_path / 'missing'}"])
+
+
+def test_report_has_a_row_per_student_and_the_teacher():
+    result = {
+        "teacher": {"model": "t", "parameters": 134.5e6, "perplexity": 3.57},
+        "eval": {"source": "bundled:rg/gsm_symbolic", "examples": 48, "tokens": 4404},
+        "students": {
+            "token-level": {"parameters": 49.6e6, "teacher_kl": 1.795, "top1_agreement": 0.407,
+                            "perplexity": 17.15},
+            "sequence-level": {"parameters": 49.6e6, "teacher_kl": 2.5, "top1_agreement": 0.35,
+                               "perplexity": 20.0},
+        },
+    }  # fmt: skip
+    text = report_markdown(result)
+    assert "| token-level | 49.6M | 1.795 | 40.7% | 17.15 |" in text
+    assert "| sequence-level |" in text and "| teacher (t) | 134.5M | 0 | 100% | 3.57 |" in text
+    assert "48 examples, 4,404 supervised tokens" in text
