@@ -197,3 +197,20 @@ def test_internal_errors_are_500_without_a_traceback(base_url, backend, monkeypa
     response = httpx.post(f"{base_url}/completions", json={"model": MODEL, "prompt": "a"})
     error = assert_error(response, 500)
     assert "RuntimeError" in error["message"] and "secret internals" not in response.text
+
+
+def test_potstill_http_backend_against_potstill_serve(base_url, backend):
+    # The two ends potstill ships, over loopback: a teacher served on one machine feeds
+    # `potstill generate` (backend openai) on another, and both ends agree with the local backend.
+    from potstill.generation.openai_http import OpenAIBackend
+
+    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=6, seed=11, logprobs=2)
+    prompts = [CHAT, "Hello", [{"role": "user", "content": "Name a colour."}]]
+    with OpenAIBackend(base_url, MODEL, concurrency=2, max_retries=0) as remote:
+        got = remote.generate(prompts, params)
+    want = backend.generate(prompts, params)
+    for remote_samples, local_samples in zip(got, want, strict=True):
+        assert [c.text for c in remote_samples] == [c.text for c in local_samples]
+        assert [c.finish_reason for c in remote_samples] == [c.finish_reason for c in local_samples]
+        for r, lo in zip(remote_samples, local_samples, strict=True):
+            assert r.token_logprobs == pytest.approx(lo.token_logprobs, abs=1e-5)
