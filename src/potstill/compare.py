@@ -38,8 +38,11 @@ def compare_students(r: Recipe, students: dict[str, str]) -> dict[str, Any]:
     teacher = load_model(
         r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
     )
-    first = next(iter(students.values()))
-    tokenizer = load_tokenizer(first)
+    teacher_tokenizer = load_tokenizer(
+        r.teacher.model, trust_remote_code=r.teacher.trust_remote_code
+    )
+    tokenizers = {name: load_tokenizer(path) for name, path in students.items()}
+    tokenizer = next(iter(tokenizers.values()))  # the held-out set is tokenised once, by the first
     data = load_data(r, tokenizer)
     batches = fixed_batches(
         data.eval, batch_size=r.train.batch_size, pad_id=pad_token_id(tokenizer)
@@ -48,8 +51,8 @@ def compare_students(r: Recipe, students: dict[str, str]) -> dict[str, Any]:
     for name, path in students.items():
         student = load_model(path)
         vocab_size = check_vocab_compatible(
-            load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code),
-            load_tokenizer(path),
+            teacher_tokenizer,
+            tokenizers[name],
             teacher_vocab_rows=teacher.get_output_embeddings().weight.shape[0],
             student_vocab_rows=student.get_output_embeddings().weight.shape[0],
         )

@@ -516,17 +516,10 @@ def build_backend(r: Recipe) -> Backend:
             batch_size=g.batch_size * g.n,  # one backend call = one decode batch of rows
             trust_remote_code=r.teacher.trust_remote_code,
         )
-    try:
-        from potstill.generation.vllm_engine import VLLMBackend
+    from potstill.generation.vllm_engine import VLLMBackend
 
-        return VLLMBackend(
-            model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
-        )
-    except ImportError as e:
-        raise RecipeError(
-            f"`generate.backend: vllm` needs vLLM and a GPU ({e}); pip install 'potstill[vllm]', "
-            "or use generate.backend=hf (local) or openai (a server)"
-        ) from None
+    # A missing vLLM raises GenerationError with the install hint (a one-line user error).
+    return VLLMBackend(model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ class _Objective:
             )  # (n, V)
             grad = score - log_q.exp() * score.sum(-1, keepdim=True)
         if self.hard_weight:
-            log_q1 = log_q if temperature == 1.0 else torch.log_softmax(z, dim=-1)  # CE at T=1
+            log_q1 = log_q if temperature == 1.0 else _log_softmax(z, 1.0)  # CE at T=1
             hard = -log_q1.gather(1, labels[:, None]).sum()
             one_hot = torch.arange(z.shape[1], device=z.device) == labels[:, None]  # (n, V)
             hard_grad = self.hard_weight * (log_q1.exp() - one_hot.float())
