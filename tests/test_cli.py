@@ -48,8 +48,8 @@ def test_unknown_keys_name_the_closest_spelling(tmp_path, capsys):
     bad.write_text("method: token_level\ntraining:\n  lr: 1\n")
     code, _, err = run_cli(capsys, "check", str(bad))
     assert code == 2 and "unknown recipe key `training`; did you mean `train`?" in err
-    code, _, err = run_cli(capsys, "check", str(FORWARD), "loss.temprature=2")
-    assert code == 2 and "did you mean `loss.temperature`?" in err
+    code, _, err = run_cli(capsys, "check", str(FORWARD), "loss.kd_temprature=2")
+    assert code == 2 and "did you mean `loss.kd_temperature`?" in err
     with pytest.raises(RecipeError, match="must be an integer"):
         load_recipe(None, ["train.max_steps=two"])
     with pytest.raises(RecipeError, match="precision` must be fp32 or bf16"):
@@ -119,7 +119,7 @@ def test_help_everywhere(capsys):
         assert exit_info.value.code == 0
         assert "usage: potstill" in capsys.readouterr().out
     code, out, _ = run_cli(capsys, "keys")
-    assert code == 0 and "loss.kind = 'forward_kl'" in out
+    assert code == 0 and "loss.kind = None" in out and "on_policy.lmbda = 1.0" in out
 
 
 @pytest.mark.slow

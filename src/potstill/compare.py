@@ -16,8 +16,8 @@ from potstill.evaluate import evaluate
 from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import Recipe, RecipeError
-from potstill.train import autocast_dtype, fixed_batches, pad_token_id
-from potstill.utils import atomic_write
+from potstill.train import fixed_batches
+from potstill.utils import atomic_write, autocast_dtype, pad_token_id
 
 
 def parse_students(specs: list[str]) -> dict[str, str]:

@@ -5,17 +5,20 @@ Metrics (over supervised positions of the held-out set, per token):
 * ``top1_agreement`` — share of positions where the student's argmax equals the teacher's;
 * ``perplexity``   — exp(mean student cross-entropy on the data's labels);
 * ``teacher_perplexity`` — the same for the teacher, as the reference point.
+And, with :func:`own_sample_metrics`, on completions the student samples for the held-out prompts:
+* ``own_reverse_kl`` — reverse KL(student ‖ teacher) at T=1 per sampled token, in nats.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from potstill.data import batch_prompts, completion_batch
 from potstill.lm import final_hidden, head_logits
 from potstill.losses import cross_entropy, divergence
 
@@ -74,3 +77,50 @@ def evaluate(
             teacher_perplexity=math.exp(sums["teacher_nll"] / n),
         )
     return out
+
+
+@torch.no_grad()
+def own_sample_metrics(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    sample: Callable[[list[list[int]], int], list[list[int]]],
+    *,
+    pad_token_id: int,
+    vocab_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    ignore_index: int = -100,
+    progress: bool = False,
+    desc: str = "own samples",
+) -> dict[str, float]:
+    """Reverse KL(student ‖ teacher) at T=1 on completions the student samples itself, per token.
+
+    The quantity on-policy distillation minimises (GKD, Agarwal et al. 2024): the held-out prompts
+    of ``batches`` are completed by ``sample(prompts, batch_index)`` (the student, seeded by the
+    caller so every evaluation draws alike), and both models score those very tokens, EOS
+    included. Also returns the mean sampled length.
+    """
+    was_training = student.training
+    student.eval()
+    total, tokens, samples = 0.0, 0, 0
+    for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+        device = batch["input_ids"].device
+        prompts = batch_prompts(batch, ignore_index)
+        completions = sample(prompts, i)
+        own = completion_batch(prompts, completions, pad_token_id=pad_token_id)
+        own = {k: v.to(device) for k, v in own.items()}
+        mask = own["labels"] != ignore_index  # (B, T) completion tokens only
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        ):
+            s_logits = head_logits(student, final_hidden(student, own)[mask], vocab_size)  # (N, V)
+            t_logits = head_logits(teacher, final_hidden(teacher, own)[mask], vocab_size)  # (N, V)
+        total += divergence(s_logits, t_logits, "reverse_kl").sum().item()
+        tokens += int(mask.sum())
+        samples += len(completions)
+    if was_training:
+        student.train()
+    return {
+        "own_reverse_kl": total / max(tokens, 1),
+        "own_sample_tokens": tokens / max(samples, 1),
+    }

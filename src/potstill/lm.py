@@ -3,7 +3,8 @@
 Distillation losses never need logits at positions without a label, and the fused engine never
 needs full ``[tokens, vocab]`` logits at all; both start from the final hidden states. The model is
 still called through its own ``forward`` (so DDP/FSDP wrappers see the call) with
-``logits_to_keep=1``, which makes the LM head cost one position instead of the whole sequence.
+an empty ``logits_to_keep`` index, which makes the LM head cost nothing. (``logits_to_keep=1``
+slices ``hidden[:, -1:]``, and a linear layer on that strided view copies the whole head.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from potstill.data import model_inputs
 
 def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Final (post-norm) hidden states ``(B, T, H)`` for a collated batch."""
-    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+    none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)  # no logits at all
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=none)
     return out.hidden_states[-1]
 
 

@@ -82,11 +82,15 @@ class DataSpec:
 
 @dataclass
 class LossSpec:
-    kind: str = doc(
-        "forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd", "forward_kl"
+    kind: str | None = doc(
+        "forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd; unset = the "
+        "method's default (reverse_kl for on_policy, as in GKD and MiniLLM; else forward_kl)",
+        None,
     )
-    temperature: float = doc(
-        "softens teacher and student alike; the soft loss is scaled by T²", 1.0
+    kd_temperature: float = doc(
+        "the loss's temperature: softens teacher and student alike, the soft loss is scaled by T² "
+        "(sampling has its own: on_policy.sampling_temperature, generate.temperature)",
+        1.0,
     )
     beta: float = doc(
         "jsd only: teacher weight of the mixture (0 = forward KL, 1 = reverse KL)", 0.5
@@ -221,10 +225,48 @@ class GenerateSpec:
     )
 
 
+@dataclass
+class OnPolicySpec:
+    """Method ``on_policy`` (GKD): the student writes completions, the teacher grades each token."""
+
+    lmbda: float = doc(
+        "λ: share of batches whose completions the student samples (1 = fully on-policy, "
+        "0 = token-level KD on the data's completions)",
+        1.0,
+    )
+    seq_kd: bool = doc(
+        "batches the student does not sample get completions written by the teacher instead of "
+        "the data's (GKD's supervised-KD mix); generated only for those batches",
+        False,
+    )
+    sampling_temperature: float = doc(
+        "temperature of the student's (and seq_kd teacher's) sampling; the loss has its own, "
+        "loss.kd_temperature",
+        1.0,
+    )
+    top_p: float = doc("nucleus mass of that sampling (1 = off)", 1.0)
+    max_new_tokens: int = doc("longest completion sampled; the prompt is the data's", 128)
+    stop_token_ids: list[int] = doc(
+        "ids that end a completion besides the tokenizer's and generation config's EOS ids",
+        default_factory=list,
+    )
+    engine: str = doc(
+        "hf (batched, KV-cached, this process) | vllm (CUDA, pip install 'potstill[vllm]'; "
+        "weights pushed to the engine before each sampling)",
+        "hf",
+    )
+    eval_samples: bool = doc(
+        "held-out evaluation also samples the student on the eval prompts and reports the "
+        "reverse KL to the teacher on those samples",
+        True,
+    )
+
+
 METHODS_DOC = (
     "token_level (logit KD from a live teacher) | sft (cross-entropy only, no teacher) | "
     "sequence_level (cross-entropy on teacher completions written by `potstill generate`; "
-    "no teacher while training)"
+    "no teacher while training) | on_policy (GKD: the student samples, the teacher grades every "
+    "token; see the on_policy section)"
 )
 
 
@@ -239,6 +281,9 @@ class Recipe:
     generate: GenerateSpec = doc(
         "teacher completions for sequence-level / CoT distillation (`potstill generate`)",
         default_factory=GenerateSpec,
+    )
+    on_policy: OnPolicySpec = doc(
+        "student sampling for method on_policy (GKD)", default_factory=OnPolicySpec
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -423,9 +468,14 @@ def validate(r: Recipe) -> None:
         value = getattr(r, key.split(".")[0]).dtype
         if value not in ("float32", "bfloat16", "float16", "auto"):
             raise RecipeError(f"`{key}` must be float32, bfloat16, float16 or auto, got {value!r}")
+    if r.loss.kind is None:
+        r.loss.kind = getattr(method, "default_kind", "forward_kl")
     try:
         check_divergence_args(
-            r.loss.kind, temperature=r.loss.temperature, beta=r.loss.beta, alpha=r.loss.skew_alpha
+            r.loss.kind,
+            temperature=r.loss.kd_temperature,
+            beta=r.loss.beta,
+            alpha=r.loss.skew_alpha,
         )
     except ValueError as e:
         raise RecipeError(f"`loss`: {e}") from None
@@ -448,6 +498,29 @@ def validate(r: Recipe) -> None:
     if r.data.max_length < 2:
         raise RecipeError(f"`data.max_length` must be ≥ 2, got {r.data.max_length}")
     validate_generate(r.generate)
+    validate_on_policy(r)
+
+
+def validate_on_policy(r: Recipe) -> None:
+    o = r.on_policy
+    if not 0 <= o.lmbda <= 1:
+        raise RecipeError(f"`on_policy.lmbda` is a share of batches in [0, 1], got {o.lmbda}")
+    if o.sampling_temperature <= 0:
+        raise RecipeError(
+            f"`on_policy.sampling_temperature` must be > 0 (on-policy KD samples), got "
+            f"{o.sampling_temperature}"
+        )
+    if not 0 < o.top_p <= 1:
+        raise RecipeError(f"`on_policy.top_p` must be in (0, 1], got {o.top_p}")
+    if o.max_new_tokens < 1:
+        raise RecipeError(f"`on_policy.max_new_tokens` must be ≥ 1, got {o.max_new_tokens}")
+    if o.engine not in ("hf", "vllm"):
+        raise RecipeError(f"`on_policy.engine` must be hf or vllm, got {o.engine!r}")
+    if r.method == "on_policy" and r.data.packing:
+        raise RecipeError(
+            "method on_policy samples a completion per prompt, so rows cannot be packed; "
+            "set data.packing=false"
+        )
 
 
 GENERATE_CHOICES = {

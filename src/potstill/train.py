@@ -1,7 +1,8 @@
 """The one training loop. Every method drives it; it knows nothing about any method's maths.
 
 One optimizer step:
-  1) draw ``grad_accum`` micro-batches and count their valid tokens (all processes);
+  1) draw ``grad_accum`` micro-batches, let the method rewrite them when it makes its own
+     sequences (``method.sequences``: on-policy sampling), count their valid tokens (all processes);
   2) for each: ``method.loss(...)`` normalised by that count, backward;
   3) refuse a non-finite loss or gradient (the last good checkpoint stays untouched);
   4) clip, AdamW step, lr schedule step;
@@ -33,6 +34,7 @@ from potstill.data import Example, collate
 from potstill.evaluate import evaluate
 from potstill.methods import Method
 from potstill.recipe import Recipe
+from potstill.utils import autocast_dtype, pad_token_id
 
 
 class NonFiniteLoss(RuntimeError):
@@ -89,16 +91,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of ``train.precision`` (None: plain fp32)."""
-    return torch.bfloat16 if precision == "bf16" else None
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """The id that pads batches: the tokenizer's pad token, else its EOS."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 # ----------------------------------------------------------------------------- data order
@@ -344,6 +336,12 @@ def train(
             vocab_size=vocab_size,
             autocast_dtype=amp_dtype,
         )
+        if hasattr(method, "evaluate"):  # e.g. on-policy: reverse KL on the student's own samples
+            metrics.update(
+                method.evaluate(
+                    accelerator.unwrap_model(student), eval_teacher, eval_batches, tokenizer
+                )
+            )
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     log = MetricsLog(out, enabled=main, resume_step=state["step"])
@@ -354,12 +352,28 @@ def train(
         total=total_steps, initial=state["step"], desc=f"train {method.name}", disable=not main
     )
     run_tokens, run_time, last_eval = 0, 0.0, None
+    window_time, window_sequence_time = 0.0, 0.0  # since the last log row
+    makes_sequences = hasattr(method, "sequences")
     in_update = False
     try:
         while state["step"] < total_steps:
             t0 = time.perf_counter()
             # 1) this step's micro-batches and its global count of valid tokens
             micro = [next(batches) for _ in range(t.grad_accum)]
+            if makes_sequences:
+                t_seq = time.perf_counter()
+                micro = [
+                    method.sequences(
+                        b,
+                        student=accelerator.unwrap_model(student),
+                        teacher=teacher,
+                        tokenizer=tokenizer,
+                        step=state["step"],
+                        index=i,
+                    )
+                    for i, b in enumerate(micro)
+                ]
+                window_sequence_time += time.perf_counter() - t_seq
             valid = sum((b["labels"] != -100).sum() for b in micro)
             normalizer = accelerator.reduce(valid.to(accelerator.device), reduction="sum").float()
             # DDP averages gradients over processes; scale so the result is Σ / global count.
@@ -397,6 +411,7 @@ def train(
             state["tokens"] += step_tokens * accelerator.num_processes
             run_tokens += step_tokens * accelerator.num_processes
             run_time += time.perf_counter() - t0
+            window_time += time.perf_counter() - t0
             step = state["step"]
             # 5) log / evaluate / checkpoint
             tokens_per_s = run_tokens / max(run_time, 1e-9)
@@ -412,6 +427,10 @@ def train(
                     "tokens": state["tokens"],
                     "tokens_per_s": tokens_per_s,
                 }
+                if makes_sequences:  # the method's own sequence statistics since the last row
+                    row.update(method.pop_stats())
+                    row["sequence_time_share"] = window_sequence_time / max(window_time, 1e-9)
+                window_time, window_sequence_time = 0.0, 0.0
                 log.log(row)
                 if on_log:
                     on_log(row)

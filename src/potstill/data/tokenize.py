@@ -30,7 +30,7 @@ no real token attends to it (pad labels are ignore_index anyway).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -301,3 +301,46 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
         "attention_mask": batch["attention_mask"],
         "use_cache": False,
     }
+
+
+# ----------------------------------------------------------------------------- prompts → samples
+# On-policy distillation rewrites a batch: the prompt of each row is kept and its completion is
+# replaced by one a model samples.
+
+
+def batch_prompts(batch: dict[str, torch.Tensor], ignore_index: int = -100) -> list[list[int]]:
+    """The prompt of each row of a collated batch: every token before the first supervised one.
+
+    (Multi-turn chats keep their earlier turns as prompt; anything after the first supervised
+    token is dropped.)"""
+    prompts = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        first = next((t for t, y in enumerate(labels) if y != ignore_index), None)
+        if first is None:
+            raise ValueError("a row has no supervised token, so no prompt/completion boundary")
+        prompts.append(ids[: first + 1])  # labels[t] is token t+1: the completion starts at t+1
+    return prompts
+
+
+def cut_at_stop(ids: Sequence[int], stop_ids: Collection[int]) -> list[int]:
+    """``ids`` up to and including the first stop id (the model must learn to stop; whatever an
+    engine wrote after it is no part of the sample)."""
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return list(ids[: i + 1])
+    return list(ids)
+
+
+def completion_batch(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """Collate ``prompt + completion`` rows with only the completion tokens supervised."""
+    examples = [
+        Example(input_ids=[*p, *c], target_mask=[False] * len(p) + [True] * len(c))
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    return collate(examples, pad_token_id=pad_token_id, ignore_index=ignore_index)

@@ -147,3 +147,72 @@ class VLLMBackend:
         torch = sys.modules.get("torch")  # vLLM imported it; never import it just to clean up
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class VLLMSampler:
+    """On-policy sampling with vLLM for a model that keeps training (``on_policy.engine=vllm``).
+
+    The engine runs in this process beside the trainer (as TRL's "colocate" mode does): it loads
+    a snapshot of ``model`` saved to a temporary directory, and with ``sync`` the current weights
+    are pushed into it before every call (the student changes at every step; a teacher does not).
+    Prompts go in as token ids and the sampled token ids come back, so training scores exactly the
+    tokens the engine chose. Each prompt gets its own seed, derived as the hf sampler's is.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        stop_token_ids: Sequence[int] = (),
+        sync: bool = True,
+        gpu_memory_utilization: float = 0.3,  # the trainer shares the GPU
+        **engine_kwargs: Any,
+    ):
+        import tempfile
+
+        self._vllm = _import_vllm()
+        self.model, self.sync = model, sync
+        self._snapshot = tempfile.TemporaryDirectory(prefix="potstill-vllm-")
+        model.save_pretrained(self._snapshot.name, safe_serialization=True)
+        tokenizer.save_pretrained(self._snapshot.name)
+        self._llm = self._vllm.LLM(
+            model=self._snapshot.name,
+            dtype="bfloat16",
+            gpu_memory_utilization=gpu_memory_utilization,
+            **engine_kwargs,
+        )
+        eos = {tokenizer.eos_token_id, *stop_token_ids}
+        config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos.update(config_eos if isinstance(config_eos, list | tuple) else [config_eos])
+        self.stop_ids = frozenset(i for i in eos if i is not None)
+
+    def push_weights(self) -> None:
+        """Load the model's current weights into the engine."""
+        weights = list(self.model.state_dict().items())
+        if hasattr(self._llm, "apply_model"):  # vLLM >= 0.8: runs on the engine's own model
+            self._llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
+        else:  # older engines: the model behind the driver worker
+            engine = self._llm.llm_engine.model_executor.driver_worker.model_runner.model
+            engine.load_weights(weights)
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        from potstill.data import cut_at_stop
+        from potstill.generation.hf import sample_seed
+
+        if self.sync:
+            self.push_weights()
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        sampling = [
+            self._vllm.SamplingParams(
+                **{
+                    **vllm_sampling_kwargs(params),
+                    "n": 1,
+                    "seed": sample_seed(params.seed, p, 0),
+                    "stop_token_ids": sorted(self.stop_ids),
+                }
+            )
+            for p in prompts
+        ]
+        outputs = self._llm.generate(requests, sampling_params=sampling, use_tqdm=False)
+        return [cut_at_stop(list(o.outputs[0].token_ids), self.stop_ids) for o in outputs]

@@ -54,13 +54,14 @@ class _Objective:
     alpha: float
     soft_weight: float
     hard_weight: float
+    monitor: str | None = None  # a divergence at T=1 summed for logging only (no gradient)
 
     def chunk(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor):
         """A block of rows' summed loss and unweighted [soft, hard] sums; the student logits are
         overwritten in place by their gradient. Every row is valid (masked rows never reach here).
 
         student_logits, teacher_logits: (n, V) any float dtype; labels: (n,)
-        -> (() fp32, (2,) fp32); student_logits now holds dL/dlogits
+        -> (() fp32, (3,) fp32 [soft, hard, monitor]); student_logits now holds dL/dlogits
 
         The divergence's value and pointwise score come from
         :data:`potstill.losses.divergences.DIVERGENCES`; the chain rule through log-softmax is the
@@ -72,7 +73,7 @@ class _Objective:
         z = student_logits.float()  # (n, V)
         log_q = _log_softmax(z, temperature)  # (n, V)
         zero = z.new_zeros(())
-        soft, hard, grad = zero, zero, None
+        soft, hard, watched, grad = zero, zero, zero, None
         if self.soft_weight:
             log_p = _log_softmax(teacher_logits.float(), temperature)  # (n, V)
             hp = dict(beta=self.beta, alpha=self.alpha)
@@ -88,11 +89,20 @@ class _Objective:
             one_hot = torch.arange(z.shape[1], device=z.device) == labels[:, None]  # (n, V)
             hard_grad = self.hard_weight * (log_q1.exp() - one_hot.float())
             grad = hard_grad if grad is None else grad + hard_grad
+        if self.monitor is not None:  # e.g. reverse KL on the student's own samples (GKD)
+            log_q1 = log_q if temperature == 1.0 else _log_softmax(z, 1.0)
+            log_p1 = (
+                log_p
+                if self.soft_weight and temperature == 1.0
+                else _log_softmax(teacher_logits.float(), 1.0)
+            )
+            hp = dict(beta=self.beta, alpha=self.alpha)
+            watched = pointwise_divergence(log_q1, log_p1, self.monitor, 1.0, **hp).sum()
         if grad is None:
             grad = torch.zeros_like(z)
         total = self.soft_weight * soft + self.hard_weight * hard
         student_logits.copy_(grad)  # compiled, the gradient is stored straight into the buffer
-        return total, torch.stack([soft, hard])
+        return total, torch.stack([soft, hard, watched])
 
 
 def _log_softmax(x: Tensor, temperature: float) -> Tensor:
@@ -177,7 +187,7 @@ class _FusedDistillation(torch.autograd.Function):
         grad_weight = torch.zeros_like(student_weight)  # (V, H_s)
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device)  # (V,)
         total = torch.zeros((), dtype=torch.float32, device=device)
-        term_sums = torch.zeros(2, dtype=torch.float32, device=device)  # unweighted soft, hard
+        term_sums = torch.zeros(3, dtype=torch.float32, device=device)  # soft, hard, monitor
         step = _chunk_fn(objective, compiled)
         sub = _SUB_ROWS
         with torch.autocast(device.type, enabled=False):  # dtypes are explicit below
@@ -259,6 +269,7 @@ def fused_distill_loss(
     teacher_bias: Tensor | None = None,
     compile: bool = False,
     return_terms: bool = False,
+    monitor: str | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """``soft_weight · divergence + hard_weight · CE`` from hidden states, never holding ``[N, V]``.
 
@@ -275,6 +286,8 @@ def fused_distill_loss(
         chunk_size: rows per chunk; default :func:`auto_chunk_size` of the vocabulary.
         compile: ``torch.compile`` the per-chunk loss and gradient (fuses the softmax work).
         return_terms: also return the unweighted, equally normalised ``soft`` / ``hard`` terms.
+        monitor: a divergence kind also summed at T=1 (normalised like the terms, no gradient),
+            returned under its own name with ``return_terms``; costs one pass over each block.
 
     Returns:
         scalar fp32 loss whose backward reaches ``student_hidden``, ``student_weight`` and
@@ -294,11 +307,19 @@ def fused_distill_loss(
             f"student head has {vocab} rows, teacher {teacher_vocab}; slice both to the shared vocabulary"
         )
     check_divergence_args(kind, temperature=temperature, beta=beta, alpha=alpha)
+    if monitor is not None:
+        check_divergence_args(monitor, temperature=1.0, beta=beta, alpha=alpha)
     if normalizer is None:
         normalizer = (labels != ignore_index).sum()
     normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=student_hidden.device)
     objective = _Objective(
-        kind, float(temperature), float(beta), float(alpha), float(soft_weight), float(hard_weight)
+        kind,
+        float(temperature),
+        float(beta),
+        float(alpha),
+        float(soft_weight),
+        float(hard_weight),
+        monitor,
     )
     detach = lambda t: None if t is None else t.detach()  # noqa: E731 - the teacher is a constant
     loss, terms = _FusedDistillation.apply(
@@ -318,8 +339,14 @@ def fused_distill_loss(
     )
     if not return_terms:
         return loss
-    names = [name for name, weight in (("soft", soft_weight), ("hard", hard_weight)) if weight]
-    return loss, {name: terms[i] for i, name in enumerate(("soft", "hard")) if name in names}
+    out = {
+        name: terms[i]
+        for i, (name, on) in enumerate((("soft", soft_weight), ("hard", hard_weight)))
+        if on
+    }
+    if monitor is not None:
+        out[monitor] = terms[2]
+    return loss, out
 
 
 __all__ = ["auto_chunk_size", "fused_distill_loss"]

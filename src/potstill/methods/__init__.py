@@ -2,7 +2,10 @@
 
 A method is one small class with ``needs_teacher`` and ``loss(student, teacher, batch, normalizer)``;
 the one training loop in :mod:`potstill.train` drives every method. Adding a method means adding a
-file here and registering it.
+file here and registering it. Optional hooks the loop calls when a method has them:
+``sequences(batch, *, student, teacher, tokenizer, step, index)`` rewrites a micro-batch before
+its tokens are counted (on-policy sampling), ``pop_stats()`` adds to each log row,
+``evaluate(student, teacher, eval_batches, tokenizer)`` adds held-out metrics.
 """
 
 from __future__ import annotations
@@ -47,4 +50,4 @@ def build_method(recipe: Recipe, *, vocab_size: int | None) -> Method:
 
 
 # Registration happens on import.
-from potstill.methods import sequence_level, sft, token_level  # noqa: E402, F401
+from potstill.methods import on_policy, sequence_level, sft, token_level  # noqa: E402, F401

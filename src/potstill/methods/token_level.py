@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from potstill.lm import final_hidden, head_logits, lm_head, logit_softcap
-from potstill.losses import distillation_loss
+from potstill.losses import distillation_loss, divergence, normalise
 from potstill.losses.fused import fused_distill_loss
 from potstill.methods import register
 from potstill.recipe import Recipe
@@ -55,7 +55,7 @@ class TokenLevel:
         loss = r.loss
         return cls(
             kind=loss.kind,
-            temperature=loss.temperature,
+            temperature=loss.kd_temperature,
             beta=loss.beta,
             alpha=loss.skew_alpha,
             soft_weight=loss.soft_weight,
@@ -72,7 +72,10 @@ class TokenLevel:
         teacher: nn.Module | None,
         batch: dict[str, Tensor],
         normalizer: Tensor,
+        *,
+        monitor: str | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``monitor``: a divergence kind also reported (at T=1, no gradient) among the terms."""
         labels = batch["labels"]  # (B, T), already shifted
         mask = labels != self.ignore_index  # (B, T)
         student_h = final_hidden(student, batch)[mask]  # (N, H_s): only supervised positions
@@ -110,9 +113,16 @@ class TokenLevel:
                 chunk_size=self.chunk_size,
                 compile=self.compile,
                 return_terms=True,
+                monitor=monitor,
                 **hyper,
             )
         with torch.no_grad():
             teacher_logits = head_logits(teacher, teacher_h, self.vocab_size)  # (N, V)
         student_logits = head_logits(student, student_h, self.vocab_size)  # (N, V)
-        return distillation_loss(student_logits, teacher_logits, labels[mask], **hyper)
+        loss, terms = distillation_loss(student_logits, teacher_logits, labels[mask], **hyper)
+        if monitor is not None:
+            watched = divergence(
+                student_logits.detach(), teacher_logits, monitor, beta=self.beta, alpha=self.alpha
+            )  # (N,)
+            terms[monitor] = normalise(watched, labels[mask] != self.ignore_index, normalizer)
+        return loss, terms

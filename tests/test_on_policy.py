@@ -1,0 +1,300 @@
+"""On-policy distillation (method on_policy): prompts and completion masks, λ=0 equals token-level
+KD exactly, seeded sampling, masking after the first stop id, the teacher never trains, the
+reverse-KL monitor, the vLLM sampler against a stand-in, and a few steps on the bundled pair."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from potstill.data import batch_prompts, collate, completion_batch, cut_at_stop, tokenize_records
+from potstill.generation.base import SamplingParams
+from potstill.generation.hf import HFBackend
+from potstill.losses import divergence
+from potstill.losses.fused import fused_distill_loss
+from potstill.methods import build_method
+from potstill.models import prune_layers
+from potstill.recipe import RecipeError, load_recipe
+from potstill.train import train
+
+RECORDS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
+        ]
+    }
+    for a, b in [(1, 2), (3, 4), (10, 7), (8, 8), (12, 30), (5, 9), (21, 21), (6, 1)]
+]
+
+
+def tiny_llama(vocab: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def setup(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    teacher = tiny_llama(len(tok), seed=1).requires_grad_(False)
+    examples, _ = tokenize_records(RECORDS, tok, max_length=64)
+    return tok, teacher, examples
+
+
+def recipe(tmp_path, *overrides):
+    return load_recipe(
+        None,
+        [
+            "method=on_policy", "teacher.model=unused", "student.init=prune", "student.keep_layers=[0, 3]",
+            f"train.output_dir={tmp_path}", "train.batch_size=2", "train.lr=1e-2", "train.warmup_steps=1",
+            "train.precision=fp32", "train.log_every=1", "train.save_every=0", "train.save_model=false",
+            "on_policy.max_new_tokens=6", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def run(tmp_path, setup, *overrides, eval_examples=None):
+    tok, teacher, examples = setup
+    r = recipe(tmp_path, *overrides)
+    method = build_method(r, vocab_size=len(tok))
+    student = prune_layers(teacher, [0, 3]).requires_grad_(True)
+    result = train(
+        r, method, student=student, tokenizer=tok, train_examples=examples, teacher=teacher,
+        eval_examples=eval_examples, vocab_size=len(tok),
+    )  # fmt: skip
+    return result, student
+
+
+# --- sequences: prompts, stop ids, completion masks --------------------------------------------
+
+
+def test_prompts_are_the_tokens_before_the_first_supervised_one(setup):
+    tok, _, examples = setup
+    batch = collate(examples[:3], pad_token_id=tok.pad_token_id)
+    for prompt, e in zip(batch_prompts(batch), examples[:3], strict=True):
+        first = e.target_mask.index(True)
+        assert prompt == e.input_ids[:first]
+        assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_cut_at_stop_keeps_the_first_stop_id_and_drops_the_rest():
+    assert cut_at_stop([5, 6, 2, 7, 2], {2}) == [5, 6, 2]
+    assert cut_at_stop([5, 9, 6, 2], {2, 9}) == [5, 9]  # several stop ids: the first one wins
+    assert cut_at_stop([5, 6], {2}) == [5, 6]  # cut by length: nothing to drop
+
+
+def test_completion_batch_supervises_only_the_completion():
+    batch = completion_batch([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 8], [4, 9, 10, 11, 0]]
+    # labels[t] is token t+1; only completion tokens are targets, padding is ignored
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, -100], [9, 10, 11, -100, -100]]
+
+
+def test_generate_ids_is_what_generate_writes(tiny_chat_lm):
+    model, tok = tiny_chat_lm
+    backend = HFBackend(model, tok, batch_size=3)
+    prompts = [[{"role": "user", "content": c}] for c in ("hi", "a longer one", "x")]
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=3)
+    texts = backend.generate(prompts, params)
+    ids = backend.generate_ids([backend.prompt_token_ids(p) for p in prompts], params)
+    for (c,), (sample,) in zip(texts, ids, strict=True):
+        body = sample[:-1] if sample[-1] in backend.eos_ids else sample
+        assert tok.decode(body, skip_special_tokens=True) == c.text
+        assert len(sample) == c.num_tokens
+
+
+# --- the method -------------------------------------------------------------------------------
+
+
+def test_lambda_zero_is_token_level_kd_exactly(tmp_path, setup):
+    """λ=0 without seq_kd: no sampling, and the same loss, gradients and weights as token_level."""
+    tok, teacher, examples = setup
+    steps = ["train.max_steps=3", "loss.kind=reverse_kl"]
+    _, on = run(tmp_path / "on", setup, "on_policy.lmbda=0", *steps)
+    r = recipe(tmp_path / "tl", "method=token_level", *steps)
+    student = prune_layers(teacher, [0, 3]).requires_grad_(True)
+    train(r, build_method(r, vocab_size=len(tok)), student=student, tokenizer=tok,
+          train_examples=examples, teacher=teacher, vocab_size=len(tok))  # fmt: skip
+    for (name, a), b in zip(on.state_dict().items(), student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_sampling_is_seeded_and_masked_after_the_first_stop_id(tmp_path, setup):
+    tok, teacher, examples = setup
+    stop = list(range(0, len(tok), 7))  # every 7th id ends a completion: most samples stop early
+    r = recipe(tmp_path, f"on_policy.stop_token_ids={stop}", "on_policy.max_new_tokens=12")
+    method = build_method(r, vocab_size=len(tok))
+    student = prune_layers(teacher, [0, 3])
+    batch = collate(examples[:4], pad_token_id=tok.pad_token_id)
+    kw = dict(student=student, teacher=teacher, tokenizer=tok)
+    a = method.sequences(batch, step=3, index=0, **kw)
+    b = method.sequences(batch, step=3, index=0, **kw)
+    c = method.sequences(batch, step=4, index=0, **kw)
+    assert torch.equal(a["input_ids"], b["input_ids"])  # same (seed, step, index): same samples
+    assert not torch.equal(a["input_ids"], c["input_ids"])  # another step draws anew
+    assert bool(a["sampled_by_student"])
+    stops = set(stop) | {tok.eos_token_id}
+    prompts = batch_prompts(batch)
+    stopped = 0
+    for row, prompt in enumerate(prompts):
+        labels = a["labels"][row]
+        completion = labels[labels != -100].tolist()
+        assert a["input_ids"][row, : len(prompt)].tolist() == prompt  # the prompt is kept ...
+        assert (labels[: len(prompt) - 1] == -100).all()  # ... and never scored
+        assert 1 <= len(completion) <= 12
+        assert not stops & set(completion[:-1])  # nothing is scored after a stop id
+        stopped += completion[-1] in stops
+    assert stopped >= 2  # the test saw samples end at a stop id
+
+
+def test_teacher_never_trains_and_the_log_has_the_sampling_figures(tmp_path, setup):
+    _, teacher, examples = setup
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    result, _ = run(tmp_path, setup, "train.max_steps=2", eval_examples=examples[:2])
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    row = result.history[0]
+    assert row["on_policy_fraction"] == 1.0
+    assert 1 <= row["student_sample_len_mean"] <= row["student_sample_len_max"] <= 6
+    assert 0 < row["sequence_time_share"] < 1
+    assert row["own_reverse_kl"] == pytest.approx(row["soft"], rel=1e-5)  # reverse KL at T=1
+    assert result.eval["own_reverse_kl"] > 0 and 1 <= result.eval["own_sample_tokens"] <= 6
+
+
+def test_lambda_mixes_batches_and_seq_kd_lets_the_teacher_write(tmp_path, setup):
+    result, _ = run(tmp_path / "a", setup, "train.max_steps=8", "on_policy.lmbda=0.5")
+    fractions = [r["on_policy_fraction"] for r in result.history if "loss" in r]
+    assert set(fractions) == {0.0, 1.0}  # one micro-batch per step: some sampled, some not
+    result, _ = run(
+        tmp_path / "b", setup, "train.max_steps=2", "on_policy.lmbda=0", "on_policy.seq_kd=true"
+    )
+    row = result.history[0]
+    assert row["on_policy_fraction"] == 0.0 and 1 <= row["teacher_sample_len_mean"] <= 6
+
+
+def test_own_reverse_kl_is_monitored_for_any_objective(tmp_path, setup):
+    tok, teacher, examples = setup
+    r = recipe(tmp_path, "loss.kind=jsd", "loss.kd_temperature=2.0")
+    method = build_method(r, vocab_size=len(tok))
+    student = prune_layers(teacher, [0, 3]).requires_grad_(True)
+    batch = method.sequences(
+        collate(examples[:2], pad_token_id=tok.pad_token_id),
+        student=student, teacher=teacher, tokenizer=tok, step=0, index=0,
+    )  # fmt: skip
+    n = (batch["labels"] != -100).sum()
+    _, terms = method.loss(student, teacher, batch, n.float())
+    assert "reverse_kl" not in terms  # the monitor goes to the stats, not the loss terms
+    with torch.no_grad():
+        out_s, out_t = student(**batch_inputs(batch)), teacher(**batch_inputs(batch))
+    mask = batch["labels"] != -100
+    expected = divergence(out_s.logits[mask], out_t.logits[mask], "reverse_kl").mean()
+    assert method.pop_stats()["own_reverse_kl"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def batch_inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def test_fused_monitor_matches_the_reference():
+    torch.manual_seed(0)
+    h, w, th, tw = torch.randn(9, 8), torch.randn(40, 8), torch.randn(9, 6), torch.randn(40, 6)
+    labels = torch.randint(0, 40, (9,))
+    labels[2] = -100
+    _, terms = fused_distill_loss(
+        h, w, labels, teacher_hidden=th, teacher_weight=tw, kind="forward_kl", temperature=2.0,
+        return_terms=True, monitor="reverse_kl",
+    )  # fmt: skip
+    keep = labels != -100
+    ref = divergence(h[keep] @ w.T, th[keep] @ tw.T, "reverse_kl").sum() / keep.sum()
+    torch.testing.assert_close(terms["reverse_kl"], ref)
+
+
+# --- recipe -----------------------------------------------------------------------------------
+
+
+def test_recipe_defaults_and_errors(tmp_path):
+    assert recipe(tmp_path).loss.kind == "reverse_kl"  # GKD / MiniLLM default
+    assert recipe(tmp_path, "method=token_level").loss.kind == "forward_kl"
+    assert recipe(tmp_path, "loss.kind=jsd").loss.kind == "jsd"
+    with pytest.raises(RecipeError, match="lmbda"):
+        recipe(tmp_path, "on_policy.lmbda=1.5")
+    with pytest.raises(RecipeError, match="packing"):
+        recipe(tmp_path, "data.packing=true")
+    with pytest.raises(RecipeError, match="sampling_temperature"):
+        recipe(tmp_path, "on_policy.sampling_temperature=0")
+    with pytest.raises(RecipeError, match=r"did you mean `loss\.kd_temperature`"):
+        recipe(tmp_path, "loss.temperature=2")
+
+
+# --- vLLM sampler, against a stand-in -----------------------------------------------------------
+
+
+def test_vllm_sampler_pushes_weights_and_seeds_each_prompt(monkeypatch, tiny_chat_lm):
+    from potstill.generation.vllm_engine import VLLMSampler
+
+    model, tok = tiny_chat_lm
+    calls = {"loaded": 0}
+
+    class LLM:
+        def __init__(self, model, **kw):
+            calls["engine"] = kw
+
+        def apply_model(self, fn):
+            class Engine:
+                def load_weights(self, weights):
+                    calls["loaded"] += 1
+                    calls["names"] = [n for n, _ in weights]
+
+            fn(Engine())
+
+        def generate(self, requests, sampling_params, use_tqdm):
+            calls["sampling"] = sampling_params
+            out = [5, 6, tok.eos_token_id, 7]  # an engine may write past the stop: it is cut
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=out)])] * len(
+                requests
+            )
+
+    module = types.ModuleType("vllm")
+    module.LLM = LLM
+    module.SamplingParams = lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    sampler = VLLMSampler(model, tok, stop_token_ids=[9])
+    params = SamplingParams(temperature=1.0, max_new_tokens=4, seed=1)
+    out = sampler.sample([[1, 2], [1, 3]], params)
+    assert out == [[5, 6, tok.eos_token_id]] * 2
+    assert calls["loaded"] == 1 and "model.embed_tokens.weight" in calls["names"]
+    seeds = [p["seed"] for p in calls["sampling"]]
+    assert seeds[0] != seeds[1]  # per prompt, as the hf sampler seeds
+    assert 9 in calls["sampling"][0]["stop_token_ids"]
+
+
+# --- the real bundled pair --------------------------------------------------------------------
+
+
+def test_a_few_on_policy_steps_on_the_bundled_pair(tmp_path, smollm2_dir):
+    from potstill.prepare import load_data, load_models
+
+    r = load_recipe(
+        "recipes/on_policy_gkd.yaml",
+        [f"teacher.model={smollm2_dir}", "train.max_steps=2", f"train.output_dir={tmp_path}",
+         "on_policy.max_new_tokens=8", "data.max_train_records=8", "data.max_eval_records=2",
+         "train.eval_every=0", "train.save_model=false", "train.batch_size=2"],
+    )  # fmt: skip
+    models = load_models(r)
+    data = load_data(r, models.tokenizer)
+    result = train(
+        r, build_method(r, vocab_size=models.vocab_size), student=models.student,
+        tokenizer=models.tokenizer, train_examples=data.train, eval_examples=data.eval,
+        teacher=models.teacher, vocab_size=models.vocab_size,
+    )  # fmt: skip
+    first = result.history[0]
+    assert first["on_policy_fraction"] == 1.0 and first["student_sample_len_max"] <= 8
+    assert result.eval["own_reverse_kl"] > 0
