@@ -30,25 +30,11 @@ import sys
 import tempfile
 import time
 
+from _pair import models, records  # the demo pair (benchmarks/_pair.py)
+
 WARMUP = 2
 NAMES = ["potstill_on", "potstill_off", "trl", "sampling"]
 SEQUENCES = os.path.join(tempfile.gettempdir(), "potstill-on-policy-sequences.json")
-
-
-def models():
-    from potstill.models import load_model, load_tokenizer, prune_layers
-
-    teacher = load_model("bundled:smollm2-135m-instruct").eval().requires_grad_(False)
-    student = prune_layers(
-        load_model("bundled:smollm2-135m-instruct"), [0, 6, 12, 18, 24, 29]
-    ).requires_grad_(True)
-    return teacher, student, load_tokenizer("bundled:smollm2-135m-instruct")
-
-
-def records(n: int):
-    from potstill.data import load_records
-
-    return load_records("bundled:rg/gsm_symbolic", limit=n)
 
 
 def run_potstill(steps: int, lmbda: float) -> dict:

@@ -20,24 +20,10 @@ import subprocess
 import sys
 import time
 
+from _pair import models, records  # the demo pair (benchmarks/_pair.py)
+
 STEPS, WARMUP = 12, 2  # warm-up steps include loss.compile's compilation
 NAMES = ["potstill", "potstill_compiled", "trl"]
-
-
-def models():
-    from potstill.models import load_model, load_tokenizer, prune_layers
-
-    teacher = load_model("bundled:smollm2-135m-instruct").eval().requires_grad_(False)
-    student = prune_layers(
-        load_model("bundled:smollm2-135m-instruct"), [0, 6, 12, 18, 24, 29]
-    ).requires_grad_(True)
-    return teacher, student, load_tokenizer("bundled:smollm2-135m-instruct")
-
-
-def records(n: int):
-    from potstill.data import load_records
-
-    return load_records("bundled:rg/gsm_symbolic", limit=n)
 
 
 def run_potstill(precision: str, compile_loss: bool = False) -> dict:

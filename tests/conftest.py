@@ -57,6 +57,25 @@ def tiny_chat_lm():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama():
+    """A builder ``tiny_llama(vocab, layers=4, seed=0)`` of random 32-wide Llamas with tied
+    embeddings: a teacher (and, pruned, a student) over any tokenizer's vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build(vocab: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        return LlamaForCausalLM(cfg)
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer, read from the bundled GGUF (no model, no network).
 

@@ -32,3 +32,21 @@ def test_report_has_a_row_per_student_and_the_teacher():
     assert "| token-level | 49.6M | 1.795 | 40.7% | 17.15 |" in text
     assert "| sequence-level |" in text and "| teacher (t) | 134.5M | 0 | 100% | 3.57 |" in text
     assert "48 examples, 4,404 supervised tokens" in text
+
+
+def test_report_adds_own_sample_reverse_kl_when_every_student_has_it():
+    result = {
+        "teacher": {"model": "t", "parameters": 134.5e6, "perplexity": 3.57},
+        "eval": {"source": "s", "examples": 32, "tokens": 2944},
+        "students": {
+            "on": {"parameters": 49.6e6, "teacher_kl": 2.0, "top1_agreement": 0.4, "perplexity": 20.0,
+                   "own_reverse_kl": 0.512, "own_sample_tokens": 97.2},
+            "off": {"parameters": 49.6e6, "teacher_kl": 1.9, "top1_agreement": 0.41, "perplexity": 18.0,
+                    "own_reverse_kl": 0.9, "own_sample_tokens": 128.0},
+        },
+    }  # fmt: skip
+    text = report_markdown(result)
+    assert "reverse KL on own samples" in text
+    assert "| on | 49.6M | 2.000 | 40.0% | 20.00 | 0.512 | 97 |" in text
+    del result["students"]["off"]["own_reverse_kl"]
+    assert "reverse KL on own samples" not in report_markdown(result)

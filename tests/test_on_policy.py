@@ -9,7 +9,6 @@ import types
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from potstill.data import batch_prompts, collate, completion_batch, cut_at_stop, tokenize_records
 from potstill.generation.base import SamplingParams
@@ -32,17 +31,8 @@ RECORDS = [
 ]
 
 
-def tiny_llama(vocab: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg)
-
-
 @pytest.fixture(scope="module")
-def setup(smollm2_tokenizer):
+def setup(smollm2_tokenizer, tiny_llama):
     tok = smollm2_tokenizer
     teacher = tiny_llama(len(tok), seed=1).requires_grad_(False)
     examples, _ = tokenize_records(RECORDS, tok, max_length=64)

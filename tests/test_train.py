@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from potstill.data import tokenize_records
 from potstill.methods import build_method
@@ -30,17 +30,8 @@ RECORDS = [
 ]
 
 
-def tiny_llama(vocab: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg)
-
-
 @pytest.fixture(scope="module")
-def setup(smollm2_tokenizer):
+def setup(smollm2_tokenizer, tiny_llama):
     tok = smollm2_tokenizer
     teacher = tiny_llama(len(tok), seed=1)
     examples, _ = tokenize_records(RECORDS, tok, max_length=64)

@@ -83,7 +83,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from potstill.compare import run_compare
     from potstill.recipe import load_recipe
 
-    run_compare(load_recipe(args.recipe, args.overrides), args.student, args.report)
+    run_compare(
+        load_recipe(args.recipe, args.overrides), args.student, args.report, args.own_samples
+    )
     return 0
 
 
@@ -178,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a saved student (a train run's model/ folder); repeat to compare several",
     )
     p.add_argument("--report", help="also write the table here (markdown; metrics as .json)")
+    p.add_argument(
+        "--own-samples",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also sample each student on the held-out prompts (the recipe's on_policy settings, "
+        "same seeds for all) and report the reverse KL to the teacher on those samples; "
+        "default: on for an on_policy recipe",
+    )
     p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser(
         "generate",

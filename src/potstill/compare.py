@@ -4,6 +4,11 @@ The same metrics as the trainer's held-out evaluation (:mod:`potstill.evaluate`:
 top-1 agreement, perplexity) for any number of saved students, on one tokenisation of one
 held-out set, so students trained by different methods (token-level, sequence-level, CE) are
 compared on equal terms. Writes a markdown report when asked.
+
+With ``own_samples`` (the default for an ``on_policy`` recipe) each student also completes the
+held-out prompts itself, sampled as the recipe's ``on_policy`` section says and with the same
+seeds for every student, and the reverse KL to the teacher is measured on those samples: the
+quantity on-policy distillation minimises, which teacher-forced metrics do not see.
 """
 
 from __future__ import annotations
@@ -31,8 +36,14 @@ def parse_students(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def compare_students(r: Recipe, students: dict[str, str]) -> dict[str, Any]:
+def compare_students(
+    r: Recipe, students: dict[str, str], own_samples: bool | None = None
+) -> dict[str, Any]:
     """Held-out metrics of the teacher and of every student (``{name: model_dir}``)."""
+    from potstill.methods.on_policy import OnPolicy
+
+    if own_samples is None:
+        own_samples = r.method == "on_policy"
     if not r.teacher.model:
         raise RecipeError("teacher.model is not set: the comparison is against the teacher")
     teacher = load_model(
@@ -65,6 +76,10 @@ def compare_students(r: Recipe, students: dict[str, str]) -> dict[str, Any]:
             progress=True,
             desc=name,
         )
+        if own_samples:  # a fresh sampler per student, the same seeds for all
+            sampling = OnPolicy.from_recipe(r, vocab_size=vocab_size)
+            sampling.eval_samples = True
+            metrics.update(sampling.evaluate(student, teacher, batches, tokenizers[name]))
         rows[name] = {"model_dir": path, "parameters": count_parameters(student), **metrics}
         del student
     teacher_ppl = next(iter(rows.values()))["teacher_perplexity"]
@@ -85,24 +100,34 @@ def compare_students(r: Recipe, students: dict[str, str]) -> dict[str, Any]:
 
 def report_markdown(result: dict[str, Any]) -> str:
     e = result["eval"]
+    own = all("own_reverse_kl" in m for m in result["students"].values())
+    extra_head, extra_rule, teacher_extra = (
+        (" reverse KL on own samples ↓ | own sample tokens |", "---:|---:|", " 0 | |")
+        if own
+        else ("", "", "")
+    )
     lines = [
         f"Held-out: {e['examples']} examples, {e['tokens']:,} supervised tokens from {e['source']}.",
         "",
-        "| model | parameters | teacher KL (nats/token) ↓ | top-1 agreement ↑ | perplexity ↓ |",
-        "|---|---:|---:|---:|---:|",
+        "| model | parameters | teacher KL (nats/token) ↓ | top-1 agreement ↑ | perplexity ↓ |"
+        + extra_head,
+        "|---|---:|---:|---:|---:|" + extra_rule,
         f"| teacher ({result['teacher']['model']}) | {result['teacher']['parameters'] / 1e6:.1f}M "
-        f"| 0 | 100% | {result['teacher']['perplexity']:.2f} |",
+        f"| 0 | 100% | {result['teacher']['perplexity']:.2f} |" + teacher_extra,
     ]
     for name, m in result["students"].items():
+        extra = f" {m['own_reverse_kl']:.3f} | {m['own_sample_tokens']:.0f} |" if own else ""
         lines.append(
             f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['teacher_kl']:.3f} "
-            f"| {m['top1_agreement']:.1%} | {m['perplexity']:.2f} |"
+            f"| {m['top1_agreement']:.1%} | {m['perplexity']:.2f} |" + extra
         )
     return "\n".join(lines) + "\n"
 
 
-def run_compare(r: Recipe, specs: list[str], report: str | None) -> dict[str, Any]:
-    result = compare_students(r, parse_students(specs))
+def run_compare(
+    r: Recipe, specs: list[str], report: str | None, own_samples: bool | None = None
+) -> dict[str, Any]:
+    result = compare_students(r, parse_students(specs), own_samples)
     text = report_markdown(result)
     print(text)
     if report:
