@@ -113,15 +113,20 @@ def report_markdown(result: dict[str, Any]) -> str:
         + extra_head,
         "|---|---:|---:|---:|---:|" + extra_rule,
         f"| teacher ({result['teacher']['model']}) | {result['teacher']['parameters'] / 1e6:.1f}M "
-        f"| 0 | 100% | {result['teacher']['perplexity']:.2f} |" + teacher_extra,
+        f"| 0 | 100% | {_ppl(result['teacher']['perplexity'])} |" + teacher_extra,
     ]
     for name, m in result["students"].items():
         extra = f" {m['own_reverse_kl']:.3f} | {m['own_sample_tokens']:.0f} |" if own else ""
         lines.append(
             f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['teacher_kl']:.3f} "
-            f"| {m['top1_agreement']:.1%} | {m['perplexity']:.2f} |" + extra
+            f"| {m['top1_agreement']:.1%} | {_ppl(m['perplexity'])} |" + extra
         )
     return "\n".join(lines) + "\n"
+
+
+def _ppl(value: float) -> str:
+    """Perplexity for a table: two decimals, or scientific once a student has collapsed."""
+    return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"
 
 
 def run_compare(
