@@ -23,6 +23,22 @@ from potstill.lm import final_hidden, head_logits
 from potstill.losses import cross_entropy, divergence
 
 
+def supervised_logits(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    mask: Tensor,
+    vocab_size: int | None,
+    autocast_dtype: torch.dtype | None,
+) -> Tensor:
+    """``model``'s logits at the ``mask``ed positions of ``batch``, under autocast when a dtype is
+    given: (B, T) mask -> (N, V)."""
+    device = batch["input_ids"].device
+    with torch.autocast(
+        device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+    ):
+        return head_logits(model, final_hidden(model, batch)[mask], vocab_size)
+
+
 @torch.no_grad()
 def evaluate(
     student: nn.Module,
@@ -41,20 +57,12 @@ def evaluate(
     sums = {"teacher_kl": 0.0, "top1_agreement": 0.0, "student_nll": 0.0, "teacher_nll": 0.0}
     tokens = 0
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        device = batch["input_ids"].device
         labels = batch["labels"]  # (B, T)
         mask = labels != ignore_index
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
-        ):
-            s_logits = head_logits(
-                student, final_hidden(student, batch)[mask], vocab_size
-            )  # (N, V)
-            t_logits = None
-            if teacher is not None:
-                t_logits = head_logits(
-                    teacher, final_hidden(teacher, batch)[mask], vocab_size
-                )  # (N, V)
+        s_logits = supervised_logits(student, batch, mask, vocab_size, autocast_dtype)  # (N, V)
+        t_logits = None
+        if teacher is not None:
+            t_logits = supervised_logits(teacher, batch, mask, vocab_size, autocast_dtype)
         y = labels[mask]  # (N,)
         tokens += y.numel()
         sums["student_nll"] += cross_entropy(s_logits, y).sum().item()
@@ -104,17 +112,14 @@ def own_sample_metrics(
     student.eval()
     total, tokens, samples = 0.0, 0, 0
     for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        device = batch["input_ids"].device
         prompts = batch_prompts(batch, ignore_index)
         completions = sample(prompts, i)
-        own = completion_batch(prompts, completions, pad_token_id=pad_token_id)
-        own = {k: v.to(device) for k, v in own.items()}
+        own = completion_batch(
+            prompts, completions, pad_token_id=pad_token_id, device=batch["input_ids"].device
+        )
         mask = own["labels"] != ignore_index  # (B, T) completion tokens only
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
-        ):
-            s_logits = head_logits(student, final_hidden(student, own)[mask], vocab_size)  # (N, V)
-            t_logits = head_logits(teacher, final_hidden(teacher, own)[mask], vocab_size)  # (N, V)
+        s_logits = supervised_logits(student, own, mask, vocab_size, autocast_dtype)  # (N, V)
+        t_logits = supervised_logits(teacher, own, mask, vocab_size, autocast_dtype)  # (N, V)
         total += divergence(s_logits, t_logits, "reverse_kl").sum().item()
         tokens += int(mask.sum())
         samples += len(completions)

@@ -410,8 +410,9 @@ def train(
             state["step"] += 1
             state["tokens"] += step_tokens * accelerator.num_processes
             run_tokens += step_tokens * accelerator.num_processes
-            run_time += time.perf_counter() - t0
-            window_time += time.perf_counter() - t0
+            step_time = time.perf_counter() - t0
+            run_time += step_time
+            window_time += step_time
             step = state["step"]
             # 5) log / evaluate / checkpoint
             tokens_per_s = run_tokens / max(run_time, 1e-9)

@@ -337,10 +337,13 @@ def completion_batch(
     *,
     pad_token_id: int,
     ignore_index: int = -100,
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Collate ``prompt + completion`` rows with only the completion tokens supervised."""
+    """Collate ``prompt + completion`` rows with only the completion tokens supervised, on
+    ``device`` (default: the CPU)."""
     examples = [
         Example(input_ids=[*p, *c], target_mask=[False] * len(p) + [True] * len(c))
         for p, c in zip(prompts, completions, strict=True)
     ]
-    return collate(examples, pad_token_id=pad_token_id, ignore_index=ignore_index)
+    batch = collate(examples, pad_token_id=pad_token_id, ignore_index=ignore_index)
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

@@ -221,7 +221,7 @@ class HFBackend:
         self.batch_size = batch_size
         self.teacher_id = teacher_id or name or type(model).__name__
         self.device = next(model.parameters()).device
-        self.eos_ids = _eos_ids(model, tokenizer) | frozenset(map(int, stop_token_ids))
+        self.eos_ids = eos_token_ids(model, tokenizer) | frozenset(map(int, stop_token_ids))
         self.pad_id = _first_not_none(tokenizer.pad_token_id, *sorted(self.eos_ids), 0)
         head = model.get_output_embeddings()
         self.vocab_size = head.weight.shape[0] if head is not None else model.config.vocab_size
@@ -456,7 +456,7 @@ def _first_wins(pairs) -> dict[str, float]:
     return out
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+def eos_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
     """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
     ids = {tokenizer.eos_token_id}
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

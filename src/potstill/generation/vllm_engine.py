@@ -182,10 +182,9 @@ class VLLMSampler:
             gpu_memory_utilization=gpu_memory_utilization,
             **engine_kwargs,
         )
-        eos = {tokenizer.eos_token_id, *stop_token_ids}
-        config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos.update(config_eos if isinstance(config_eos, list | tuple) else [config_eos])
-        self.stop_ids = frozenset(i for i in eos if i is not None)
+        from potstill.generation.hf import eos_token_ids
+
+        self.stop_ids = eos_token_ids(model, tokenizer) | frozenset(map(int, stop_token_ids))
 
     def push_weights(self) -> None:
         """Load the model's current weights into the engine."""

@@ -49,11 +49,20 @@ _EVAL_SEED = 0x5EED  # held-out samples are drawn alike at every evaluation
 
 
 class Sampler:
-    """Token-id sampling from a model that keeps training: a KV-cached :class:`HFBackend` over the
-    model itself, or over a ``dtype`` twin whose weights are copied from it before each call."""
+    """Token-id sampling with a KV-cached :class:`HFBackend` over the model itself, or over a
+    ``dtype`` twin of it; with ``sync`` (a model that keeps training) the twin's weights are
+    copied from the model before each call, without it (a frozen teacher) only once."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, dtype: torch.dtype | None, **kw):
-        self.source = model
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        dtype: torch.dtype | None,
+        sync: bool = True,
+        **kw,
+    ):
+        self.source, self.sync = model, sync
         was_training = model.training
         self.twin = None
         if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
@@ -66,8 +75,9 @@ class Sampler:
     def sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """One completion per prompt (token ids, cut after the first stop id)."""
         if self.twin is not None:
-            for dst, src in zip(self.twin.parameters(), self.source.parameters(), strict=True):
-                dst.copy_(src)
+            if self.sync:
+                for dst, src in zip(self.twin.parameters(), self.source.parameters(), strict=True):
+                    dst.copy_(src)
             out = self.backend.generate_ids(prompts, params)
         else:
             was_training = self.source.training
@@ -139,6 +149,7 @@ class OnPolicy(TokenLevel):
                     model,
                     tokenizer,
                     dtype=self.sample_dtype,
+                    sync=who == "student",
                     batch_size=64,
                     stop_token_ids=self.stop_token_ids,
                 )
@@ -181,8 +192,12 @@ class OnPolicy(TokenLevel):
         )
         s[f"{writer}_seconds"] = s.get(f"{writer}_seconds", 0.0) + time.perf_counter() - t0
         s[f"{writer}_batches"] = s.get(f"{writer}_batches", 0) + 1
-        out = completion_batch(prompts, completions, pad_token_id=pad_token_id(tokenizer))
-        out = {k: v.to(batch["input_ids"].device) for k, v in out.items()}
+        out = completion_batch(
+            prompts,
+            completions,
+            pad_token_id=pad_token_id(tokenizer),
+            device=batch["input_ids"].device,
+        )
         s.setdefault(f"{writer}_lengths", []).extend(len(c) for c in completions)
         out["sampled_by_student"] = torch.tensor(writer == "student")
         return out
@@ -204,10 +219,10 @@ class OnPolicy(TokenLevel):
         loss, terms = super().loss(student, teacher, batch, normalizer, monitor=monitor)
         if own:
             watched = terms.pop("reverse_kl") if monitor else terms["soft"]
-            s = self.stats
-            s["own_kl_sum"] = s.get("own_kl_sum", 0.0) + float(watched * normalizer)
-            s["own_kl_tokens"] = s.get("own_kl_tokens", 0) + int(
-                (batch["labels"] != self.ignore_index).sum()
+            s = self.stats  # tensors, read once per log row (no host sync per micro-batch)
+            s["own_kl_sum"] = s.get("own_kl_sum", 0.0) + watched * normalizer
+            s["own_kl_tokens"] = (
+                s.get("own_kl_tokens", 0) + (batch["labels"] != self.ignore_index).sum()
             )
         return loss, terms
 
@@ -221,8 +236,8 @@ class OnPolicy(TokenLevel):
                 out[f"{writer}_sample_len_mean"] = sum(lengths) / len(lengths)
                 out[f"{writer}_sample_len_max"] = max(lengths)
                 out[f"{writer}_sample_tokens_per_s"] = sum(lengths) / s[f"{writer}_seconds"]
-        if s.get("own_kl_tokens"):
-            out["own_reverse_kl"] = s["own_kl_sum"] / s["own_kl_tokens"]
+        if "own_kl_tokens" in s and int(s["own_kl_tokens"]):
+            out["own_reverse_kl"] = float(s["own_kl_sum"]) / int(s["own_kl_tokens"])
         return out
 
     # --- held-out -------------------------------------------------------------------------------
