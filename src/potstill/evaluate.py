@@ -4,7 +4,9 @@ Metrics (over supervised positions of the held-out set, per token):
 * ``teacher_kl``   — forward KL(teacher ‖ student) at T=1, in nats;
 * ``top1_agreement`` — share of positions where the student's argmax equals the teacher's;
 * ``perplexity``   — exp(mean student cross-entropy on the data's labels);
-* ``teacher_perplexity`` — the same for the teacher, as the reference point.
+* ``teacher_perplexity`` — the same for the teacher, as the reference point;
+* ``bits_per_byte`` — the student's cross-entropy in bits per UTF-8 byte of the text it predicts:
+  comparable across tokenizers (given ``byte_lengths``, the bytes each vocabulary entry writes).
 And, with :func:`own_sample_metrics`, on completions the student samples for the held-out prompts:
 * ``own_reverse_kl`` — reverse KL(student ‖ teacher) at T=1 per sampled token, in nats.
 """
@@ -21,6 +23,18 @@ from tqdm.auto import tqdm
 from potstill.data import batch_prompts, completion_batch
 from potstill.lm import final_hidden, head_logits
 from potstill.losses import cross_entropy, divergence
+
+LN2 = math.log(2.0)
+
+
+def token_byte_lengths(tokenizer) -> Tensor | None:
+    """(V,) bytes each entry of ``tokenizer`` writes, or None when it has no fast backend."""
+    from potstill.data.alignment import byte_lengths
+
+    try:
+        return torch.tensor(byte_lengths(tokenizer), dtype=torch.float64)
+    except Exception:  # a slow or stand-in tokenizer: bits per byte is simply not reported
+        return None
 
 
 def supervised_logits(
@@ -48,6 +62,7 @@ def evaluate(
     vocab_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     ignore_index: int = -100,
+    byte_lengths: Tensor | None = None,
     progress: bool = False,
     desc: str = "eval",
 ) -> dict[str, float]:
@@ -55,7 +70,7 @@ def evaluate(
     was_training = student.training
     student.eval()
     sums = {"teacher_kl": 0.0, "top1_agreement": 0.0, "student_nll": 0.0, "teacher_nll": 0.0}
-    tokens = 0
+    tokens, nbytes = 0, 0.0
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         labels = batch["labels"]  # (B, T)
         mask = labels != ignore_index
@@ -65,6 +80,8 @@ def evaluate(
             t_logits = supervised_logits(teacher, batch, mask, vocab_size, autocast_dtype)
         y = labels[mask]  # (N,)
         tokens += y.numel()
+        if byte_lengths is not None:
+            nbytes += float(byte_lengths[y.cpu()].sum())
         sums["student_nll"] += cross_entropy(s_logits, y).sum().item()
         if t_logits is not None:
             sums["teacher_kl"] += divergence(s_logits, t_logits, "forward_kl").sum().item()
@@ -78,6 +95,8 @@ def evaluate(
         "nll": sums["student_nll"] / n,
         "perplexity": math.exp(sums["student_nll"] / n),
     }
+    if byte_lengths is not None and nbytes > 0:
+        out["bits_per_byte"] = sums["student_nll"] / nbytes / LN2
     if teacher is not None:
         out.update(
             teacher_kl=sums["teacher_kl"] / n,

@@ -31,6 +31,7 @@ class Models:
     tokenizer: Any  # the student's tokenizer (shared with the teacher for token-level KD)
     teacher: nn.Module | None
     vocab_size: int | None  # shared real vocabulary the logits are compared over
+    teacher_tokenizer: Any = None  # loaded when the method compares different vocabularies
 
 
 @dataclass
@@ -53,6 +54,13 @@ def preflight(r: Recipe) -> dict[str, Any]:
     report["student_tokenizer"] = f"{source} ({len(student_tok):,} tokens)"
     if r.teacher.model and _method(r).needs_teacher:
         teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
+        if not getattr(_method(r), "shared_vocabulary", True):
+            from potstill.data.alignment import shared_vocab
+
+            shared = len(shared_vocab(student_tok, teacher_tok)[0])
+            report["teacher_tokenizer"] = f"{r.teacher.model} ({len(teacher_tok):,} tokens)"
+            report["entries_spelled_alike"] = f"{shared:,}"
+            return report
         teacher_rows = load_config(
             r.teacher.model, trust_remote_code=r.teacher.trust_remote_code
         ).vocab_size
@@ -96,8 +104,10 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
         student = student_from_config(source, s.config_overrides)
     tokenizer = load_tokenizer(source, trust_remote_code=s.trust_remote_code)
     vocab_size = None
+    teacher_tok = None
     if teacher is not None:
         teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
+    if teacher is not None and getattr(_method(r), "shared_vocabulary", True):
         vocab_size = check_vocab_compatible(
             teacher_tok,
             tokenizer,
@@ -117,11 +127,15 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
         tokenizer=tokenizer,
         teacher=teacher if needs_teacher else None,
         vocab_size=vocab_size,
+        teacher_tokenizer=teacher_tok,
     )
 
 
-def load_data(r: Recipe, tokenizer: Any) -> Data:
-    """Read and tokenize the train and held-out sets; prints the truncation report."""
+def load_data(r: Recipe, tokenizer: Any, method: Any = None) -> Data:
+    """Read and tokenize the train and held-out sets; prints the truncation report.
+
+    A ``method`` with an ``example(record, max_length=)`` hook tokenizes records itself (e.g.
+    cross_tokenizer: both tokenizers and their alignment)."""
     d = r.data
     train_records = load_records(d.train, split=d.train_split, limit=d.max_train_records)
     if d.eval or d.train.startswith("bundled:"):  # a separate held-out source or split
@@ -132,15 +146,37 @@ def load_data(r: Recipe, tokenizer: Any) -> Data:
         eval_records, train_records = hold_out(
             train_records, d.max_eval_records or 200, seed=r.train.seed
         )
-    train, train_stats = tokenize_records(
-        train_records, tokenizer, max_length=d.max_length, packing=d.packing
-    )
-    held, eval_stats = tokenize_records(
-        eval_records, tokenizer, max_length=d.max_length, packing=False
-    )
+    if method is not None and hasattr(method, "example"):
+        train, train_stats = _method_examples(method, train_records, d.max_length)
+        held, eval_stats = _method_examples(method, eval_records, d.max_length)
+    else:
+        train, train_stats = tokenize_records(
+            train_records, tokenizer, max_length=d.max_length, packing=d.packing
+        )
+        held, eval_stats = tokenize_records(
+            eval_records, tokenizer, max_length=d.max_length, packing=False
+        )
     print(f"train data ({d.train}): {train_stats.summary()}")
     print(f"eval data ({eval_source}): {eval_stats.summary()}")
     return Data(train=train, eval=held, train_stats=train_stats, eval_stats=eval_stats)
+
+
+def _method_examples(method: Any, records: list[dict], max_length: int):
+    from tqdm.auto import tqdm
+
+    stats = TokenizeStats(records=len(records), max_length=max_length)
+    examples = []
+    for record in tqdm(records, desc="tokenizing", unit="rec", leave=False):
+        example, truncated = method.example(record, max_length=max_length)
+        stats.truncated += truncated
+        if not any(example.target_mask[1:]):
+            stats.dropped += 1
+            continue
+        examples.append(example)
+    stats.examples = len(examples)
+    stats.tokens = sum(len(e.input_ids) for e in examples)
+    stats.target_tokens = sum(sum(e.target_mask[1:]) for e in examples)
+    return examples, stats
 
 
 def hold_out(records: list[dict], n: int, *, seed: int) -> tuple[list[dict], list[dict]]:

@@ -262,11 +262,34 @@ class OnPolicySpec:
     )
 
 
+@dataclass
+class CrossTokenizerSpec:
+    """Method ``cross_tokenizer``: teacher and student with different tokenizers."""
+
+    alignment: str = doc(
+        "spans (exact: shared character boundaries, span likelihoods + KL over the entries both "
+        "vocabularies spell alike) | uld (Universal Logit Distillation: nearest-end pairing, "
+        "sorted top-K probabilities)",
+        "spans",
+    )
+    top_k: int = doc(
+        "uld: sorted probabilities compared per side; spans: the teacher's shared entries kept "
+        "as events (the rest pooled into one)",
+        64,
+    )
+    uld_distance: str = doc("uld: l1 (the paper's Wasserstein) | kl", "l1")
+    span_weight: float = doc(
+        "spans: weight of the span-likelihood term (loss.soft_weight weighs the boundary KL / ULD)",
+        1.0,
+    )
+
+
 METHODS_DOC = (
     "token_level (logit KD from a live teacher) | sft (cross-entropy only, no teacher) | "
     "sequence_level (cross-entropy on teacher completions written by `potstill generate`; "
     "no teacher while training) | on_policy (GKD: the student samples, the teacher grades every "
-    "token; see the on_policy section)"
+    "token; see the on_policy section) | cross_tokenizer (teacher and student with different "
+    "tokenizers; see the cross_tokenizer section)"
 )
 
 
@@ -284,6 +307,10 @@ class Recipe:
     )
     on_policy: OnPolicySpec = doc(
         "student sampling for method on_policy (GKD)", default_factory=OnPolicySpec
+    )
+
+    cross_tokenizer: CrossTokenizerSpec = doc(
+        "alignment for method cross_tokenizer", default_factory=CrossTokenizerSpec
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -499,6 +526,20 @@ def validate(r: Recipe) -> None:
         raise RecipeError(f"`data.max_length` must be ≥ 2, got {r.data.max_length}")
     validate_generate(r.generate)
     validate_on_policy(r)
+    c = r.cross_tokenizer
+    if c.alignment not in ("spans", "uld"):
+        raise RecipeError(f"`cross_tokenizer.alignment` must be spans or uld, got {c.alignment!r}")
+    if c.uld_distance not in ("l1", "kl"):
+        raise RecipeError(
+            f"`cross_tokenizer.uld_distance` must be l1 or kl, got {c.uld_distance!r}"
+        )
+    if c.top_k < 1:
+        raise RecipeError(f"`cross_tokenizer.top_k` must be ≥ 1, got {c.top_k}")
+    if r.method == "cross_tokenizer" and r.data.packing:
+        raise RecipeError(
+            "method cross_tokenizer aligns each record's two tokenizations, so records cannot be "
+            "packed; set data.packing=false"
+        )
 
 
 def validate_on_policy(r: Recipe) -> None:

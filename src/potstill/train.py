@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from potstill.data import Example, collate
-from potstill.evaluate import evaluate
+from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.methods import Method
 from potstill.recipe import Recipe
 from potstill.utils import autocast_dtype, pad_token_id
@@ -328,11 +328,15 @@ def train(
         )
     amp_dtype = autocast_dtype(t.precision)
 
+    shared_vocabulary = getattr(method, "shared_vocabulary", True)
+    byte_table = token_byte_lengths(tokenizer)
+
     def run_eval() -> dict[str, float]:
         metrics = evaluate(
             student,
             eval_batches,
-            teacher=eval_teacher,
+            teacher=eval_teacher if shared_vocabulary else None,
+            byte_lengths=byte_table,
             vocab_size=vocab_size,
             autocast_dtype=amp_dtype,
         )

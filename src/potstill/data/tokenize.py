@@ -43,6 +43,9 @@ class Example:
     input_ids: list[int]
     target_mask: list[bool]  # True where the token is a supervised target; same length as ids
     position_ids: list[int] | None = None  # set by packing (restarts at 0 per document)
+    # Per-method integer sequences of any length (e.g. the teacher's own token ids for
+    # cross-tokenizer distillation); the collator right-pads each key with -1.
+    extra: dict[str, list[int]] | None = None
 
 
 @dataclass
@@ -279,6 +282,12 @@ def collate(
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if with_positions:
         batch["position_ids"] = position_ids
+    for key in examples[0].extra or {}:
+        rows = [e.extra[key] for e in examples]  # type: ignore[index]
+        padded = torch.full((B, max(len(r) for r in rows)), -1, dtype=torch.long)  # (B, T_key)
+        for b, row in enumerate(rows):
+            padded[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        batch[key] = padded
     return batch
 
 

@@ -50,4 +50,10 @@ def build_method(recipe: Recipe, *, vocab_size: int | None) -> Method:
 
 
 # Registration happens on import.
-from potstill.methods import on_policy, sequence_level, sft, token_level  # noqa: E402, F401
+from potstill.methods import (  # noqa: E402, F401
+    cross_tokenizer,
+    on_policy,
+    sequence_level,
+    sft,
+    token_level,
+)
