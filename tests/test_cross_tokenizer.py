@@ -434,3 +434,29 @@ def test_the_report_compares_bits_per_byte_across_tokenizers():
     text = report_markdown(result)
     assert "bits per byte" in text and "teacher KL" not in text
     assert "| spans | 50.0M | 2.400 | 250.00 |" in text and "| 1.800 | — |" in text
+
+
+def test_chat_records_use_each_tokenizers_own_template(smollm2_tokenizer):
+    """Two templates around the same conversation: only the reply's text is aligned."""
+    import copy
+
+    other = copy.deepcopy(smollm2_tokenizer)
+    other.chat_template = (
+        "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+        "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+    )
+    reply = "The cat sat on the mat, naïvely."
+    rec = {
+        "messages": [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": reply}]
+    }
+    s, t = read_record(rec, smollm2_tokenizer), read_record(rec, other)
+    assert s.ids != t.ids  # different templates
+    a = align(s, t)
+    b = token_bytes(smollm2_tokenizer)
+    for side, spans in ((s, a.span_student), (t, a.span_teacher)):
+        text = b"".join(b[side.ids[p + 1]] for p, k in enumerate(spans) if k != NO)
+        assert text and reply.encode().endswith(
+            text
+        )  # the reply (less its first token), nothing else
+    ex, _ = cross_example(rec, smollm2_tokenizer, other, max_length=128)
+    assert sum(ex.target_mask) > len(smollm2_tokenizer(reply)["input_ids"])  # + end of turn
