@@ -23,6 +23,8 @@ What the alignment gives (all per position; -1 where nothing applies):
   span is exactly the same text for both models. The first position of a span is where both
   contexts end at the same character: the two next-token distributions there are about the same
   continuation.
+* ``start_teacher[p]``: at the first student position of a span, the first teacher position of the
+  same span (where the two next-token distributions are compared); -1 elsewhere.
 * ``uld_teacher[p]``: ULD's pairing (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation:
   the Universal Logit Distillation Loss"): for student position ``p``, the teacher position whose
   context end is closest to ``p``'s. An approximation: where the boundaries differ, the two
@@ -275,6 +277,7 @@ def truncate(side: Side, n: int) -> Side:
 class Alignment:
     span_student: list[int]  # per student position
     span_teacher: list[int]  # per teacher position
+    start_teacher: list[int]  # per student position: at a span's start, the teacher's start
     uld_teacher: list[int]  # per student position: the ULD partner among teacher positions
     spans: int  # number of spans
 
@@ -296,6 +299,7 @@ def _boundaries(side: Side) -> dict[int, tuple[int, int]]:
 def align(student: Side, teacher: Side) -> Alignment:
     """Spans between shared clean boundaries, and ULD's nearest-end pairing."""
     span_s, span_t = [NO] * len(student.ids), [NO] * len(teacher.ids)
+    start_t = [NO] * len(student.ids)
     b_s, b_t = _boundaries(student), _boundaries(teacher)
     common = sorted(set(b_s) & set(b_t))
     spans = 0
@@ -313,8 +317,9 @@ def align(student: Side, teacher: Side) -> Alignment:
             continue
         for spans_of, (first, stop) in zip((span_s, span_t), ranges, strict=True):
             spans_of[first:stop] = [spans] * (stop - first)
+        start_t[ranges[0][0]] = ranges[1][0]
         spans += 1
-    return Alignment(span_s, span_t, _uld_pairs(student, teacher), spans)
+    return Alignment(span_s, span_t, start_t, _uld_pairs(student, teacher), spans)
 
 
 def _uld_pairs(student: Side, teacher: Side) -> list[int]:
@@ -370,6 +375,7 @@ def cross_example(
         ],
         "span_student": a.span_student,
         "span_teacher": a.span_teacher,
+        "start_teacher": a.start_teacher,
         "uld_teacher": a.uld_teacher,
     }
     return Example(student.ids, student.target, extra=extra), truncated

@@ -157,7 +157,7 @@ class CrossTokenizer:
         if self.alignment == "uld":
             partner = batch["uld_teacher"][:, :T_s]  # (B, T_s) teacher position or -1
         else:  # the first position of each span: both contexts end on the same character
-            partner = _span_starts_partner(batch["span_student"], batch["span_teacher"])
+            partner = batch["start_teacher"][:, :T_s]  # (B, T_s) teacher position or -1
         partner = torch.where(mask, partner, -1)
         has = partner >= 0  # (B, T_s)
         terms: dict[str, Tensor] = {}
@@ -268,24 +268,3 @@ def _expand_rows(x: Tensor, row_pair: Tensor) -> Tensor:
     if x.shape[0] == 0:
         return x.new_zeros((row_pair.shape[0], *x.shape[1:]))
     return x[row_pair.clamp(min=0)]
-
-
-def _span_starts_partner(span_student: Tensor, span_teacher: Tensor) -> Tensor:
-    """(B, T_s) teacher position of the first position of the same span, at each span's first
-    student position; -1 elsewhere."""
-    B, _T_s = span_student.shape
-    out = torch.full_like(span_student, -1)
-    first_s = span_student.clone()
-    first_s[:, 1:] = torch.where(
-        span_student[:, 1:] != span_student[:, :-1], span_student[:, 1:], -1
-    )
-    first_t = span_teacher.clone()
-    first_t[:, 1:] = torch.where(
-        span_teacher[:, 1:] != span_teacher[:, :-1], span_teacher[:, 1:], -1
-    )
-    for b in range(B):
-        where_t = {int(k): i for i, k in enumerate(first_t[b].tolist()) if k >= 0}
-        for p, k in enumerate(first_s[b].tolist()):
-            if k >= 0 and k in where_t:
-                out[b, p] = where_t[k]
-    return out
