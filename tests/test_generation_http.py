@@ -114,6 +114,12 @@ class FakeServer:
                 try:
                     reply = fake.handler(request)
                     time.sleep(reply.delay)
+                finally:
+                    # Out of flight before the reply is written: a client that reads it may send
+                    # its next request before this thread would get to run a later decrement.
+                    with fake._lock:
+                        fake.in_flight -= 1
+                try:
                     payload = (
                         reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body)
                     )
@@ -127,9 +133,6 @@ class FakeServer:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and hung up
-                finally:
-                    with fake._lock:
-                        fake.in_flight -= 1
 
             def log_message(self, *args):  # keep test output quiet
                 pass

@@ -186,7 +186,11 @@ def test_own_reverse_kl_is_monitored_for_any_objective(tmp_path, setup):
         out_s, out_t = student(**batch_inputs(batch)), teacher(**batch_inputs(batch))
     mask = batch["labels"] != -100
     expected = divergence(out_s.logits[mask], out_t.logits[mask], "reverse_kl").mean()
-    assert method.pop_stats()["own_reverse_kl"] == pytest.approx(float(expected), rel=1e-4)
+    # A KL this small is a difference of log-probabilities of order 10: fp32 rounding of those
+    # leaves ~1e-7 absolute, whichever kernels (AVX2, AVX-512) summed them.
+    assert method.pop_stats()["own_reverse_kl"] == pytest.approx(
+        float(expected), rel=1e-4, abs=1e-6
+    )
 
 
 def batch_inputs(batch):

@@ -146,37 +146,27 @@ def load_data(r: Recipe, tokenizer: Any, method: Any = None) -> Data:
         eval_records, train_records = hold_out(
             train_records, d.max_eval_records or 200, seed=r.train.seed
         )
-    if method is not None and hasattr(method, "example"):
-        train, train_stats = _method_examples(method, train_records, d.max_length)
-        held, eval_stats = _method_examples(method, eval_records, d.max_length)
-    else:
-        train, train_stats = tokenize_records(
-            train_records, tokenizer, max_length=d.max_length, packing=d.packing
-        )
-        held, eval_stats = tokenize_records(
-            eval_records, tokenizer, max_length=d.max_length, packing=False
-        )
+    encode = getattr(method, "example", None)  # a method that reads records its own way
+    slow = encode is not None  # e.g. two tokenizers and an alignment per record: show progress
+    train, train_stats = tokenize_records(
+        train_records,
+        tokenizer,
+        max_length=d.max_length,
+        packing=d.packing,
+        progress=slow,
+        encode=encode,
+    )
+    held, eval_stats = tokenize_records(
+        eval_records,
+        tokenizer,
+        max_length=d.max_length,
+        packing=False,
+        progress=slow,
+        encode=encode,
+    )
     print(f"train data ({d.train}): {train_stats.summary()}")
     print(f"eval data ({eval_source}): {eval_stats.summary()}")
     return Data(train=train, eval=held, train_stats=train_stats, eval_stats=eval_stats)
-
-
-def _method_examples(method: Any, records: list[dict], max_length: int):
-    from tqdm.auto import tqdm
-
-    stats = TokenizeStats(records=len(records), max_length=max_length)
-    examples = []
-    for record in tqdm(records, desc="tokenizing", unit="rec", leave=False):
-        example, truncated = method.example(record, max_length=max_length)
-        stats.truncated += truncated
-        if not any(example.target_mask[1:]):
-            stats.dropped += 1
-            continue
-        examples.append(example)
-    stats.examples = len(examples)
-    stats.tokens = sum(len(e.input_ids) for e in examples)
-    stats.target_tokens = sum(sum(e.target_mask[1:]) for e in examples)
-    return examples, stats
 
 
 def hold_out(records: list[dict], n: int, *, seed: int) -> tuple[list[dict], list[dict]]:

@@ -30,7 +30,7 @@ no real token attends to it (pad labels are ignore_index anyway).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -191,8 +191,12 @@ def tokenize_records(
     max_length: int,
     packing: bool = False,
     progress: bool = False,
+    encode: Callable[..., tuple[Example, bool]] | None = None,
 ) -> tuple[list[Example], TokenizeStats]:
     """Tokenise records; drop those with nothing to learn; optionally pack into blocks.
+
+    ``encode(record, max_length=)`` -> (example, truncated) replaces :func:`tokenize_record` (a
+    method that reads records its own way, e.g. with two tokenizers).
 
     Without packing, each record becomes one example cut to `max_length`. With packing, whole
     documents are concatenated in order and cut into blocks of exactly `max_length` tokens (the
@@ -208,7 +212,10 @@ def tokenize_records(
     per_record_limit = 2**62 if packing else max_length
     examples = []
     for record in records:
-        example, truncated = tokenize_record(record, tokenizer, max_length=per_record_limit)
+        if encode is None:
+            example, truncated = tokenize_record(record, tokenizer, max_length=per_record_limit)
+        else:
+            example, truncated = encode(record, max_length=per_record_limit)
         stats.truncated += truncated
         if not any(example.target_mask[1:]):
             stats.dropped += 1
