@@ -52,7 +52,7 @@ def test_unknown_keys_name_the_closest_spelling(tmp_path, capsys):
     assert code == 2 and "did you mean `loss.kd_temperature`?" in err
     with pytest.raises(RecipeError, match="must be an integer"):
         load_recipe(None, ["train.max_steps=two"])
-    with pytest.raises(RecipeError, match="precision` must be fp32 or bf16"):
+    with pytest.raises(RecipeError, match="precision` must be auto, fp32 or bf16"):
         load_recipe(FORWARD, ["train.precision=fp16"])
     assert load_recipe(FORWARD, ["train.max_steps=2"]).train.max_steps == 2  # wins over max_tokens
 

@@ -165,6 +165,29 @@ def test_bf16_autocast_runs(tmp_path, setup):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history if "loss" in r)
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_precision_follows_the_measured_bf16_speed(
+    tmp_path, setup, monkeypatch, capsys, faster
+):
+    from potstill import utils
+
+    monkeypatch.setattr(utils, "bf16_is_faster", lambda device_type: faster)
+    from potstill.recipe import TrainSpec
+
+    assert TrainSpec().precision == "auto"  # the default
+    assert utils.autocast_dtype("auto", "cpu") == (torch.bfloat16 if faster else None)
+    run(tmp_path, setup, "train.max_steps=1", "train.precision=auto")
+    expected = "bf16 autocast" if faster else "precision auto: fp32; bf16 matmuls are slower"
+    assert expected in capsys.readouterr().out
+
+
+def test_bf16_speed_is_measured_once_per_process():
+    from potstill.utils import bf16_is_faster
+
+    assert isinstance(bf16_is_faster("cpu"), bool)
+    assert bf16_is_faster.cache_info().currsize >= 1 and bf16_is_faster("mps") is False
+
+
 def test_lr_schedule_shapes():
     kw = dict(total=100, warmup=10, min_ratio=0.1)
     assert lr_multiplier(0, schedule="cosine", **kw) == pytest.approx(0.1)

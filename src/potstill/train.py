@@ -34,7 +34,7 @@ from potstill.data import Example, collate
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.methods import Method
 from potstill.recipe import Recipe
-from potstill.utils import autocast_dtype, pad_token_id
+from potstill.utils import autocast_dtype, pad_token_id, precision_note
 
 
 class NonFiniteLoss(RuntimeError):
@@ -326,7 +326,7 @@ def train(
             device=accelerator.device,
             limit=t.eval_batches,
         )
-    amp_dtype = autocast_dtype(t.precision)
+    amp_dtype = autocast_dtype(t.precision, accelerator.device.type)
 
     shared_vocabulary = getattr(method, "shared_vocabulary", True)
     byte_table = token_byte_lengths(tokenizer)
@@ -349,8 +349,10 @@ def train(
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     log = MetricsLog(out, enabled=main, resume_step=state["step"])
-    if main and hasattr(method, "describe"):
-        print(method.describe())  # which loss path runs, among other things
+    if main:
+        print(precision_note(t.precision, accelerator.device.type))
+        if hasattr(method, "describe"):
+            print(method.describe())  # which loss path runs, among other things
     params = [p for p in student.parameters() if p.requires_grad]
     bar = tqdm(
         total=total_steps, initial=state["step"], desc=f"train {method.name}", disable=not main
