@@ -3,8 +3,8 @@ same tokens and against TRL's GKDTrainer with lmbda=1; and sampling tokens/s wit
 the KV cache.
 
 Teacher SmolLM2-135M-Instruct, student pruned to 6 layers, bundled gsm_symbolic prompts, batch 4,
-128 new tokens sampled at T=1 (top-p off), reverse KL at T=1, bf16 autocast. Each run is its own
-process:
+128 new tokens sampled at T=1 (top-p off), reverse KL at T=1, at ``--precision`` (default auto: bf16
+autocast where bf16 matmuls beat fp32 on this CPU, else fp32). Each run is its own process:
   * potstill_on:  method on_policy, lmbda=1 — the student samples every batch; its sequences are
                   saved;
   * potstill_off: the same method at lmbda=0 (token-level KD) on exactly those sequences, so the
@@ -12,12 +12,13 @@ process:
                   to equal tokens;
   * trl:          TRL's GKDTrainer, lmbda=1, beta=1 (its reverse KL), temperature=1,
                   max_new_tokens=128, on the same models and prompts;
-  * sampling:     the student's sampler alone (bf16 twin) on 4 prompts × 128 tokens, KV-cached
-                  (potstill's HFBackend) and recomputing the whole prefix at every token.
+  * sampling:     the student's sampler alone (a bf16 twin under bf16) on 4 prompts × 128 tokens,
+                  KV-cached (potstill's HFBackend) and recomputing the whole prefix at every
+                  token.
 The first steps (warm-up) are excluded from the timings.
 
     python benchmarks/on_policy_step.py
-    python benchmarks/on_policy_step.py --only potstill_on potstill_off --steps 6
+    python benchmarks/on_policy_step.py --only potstill_on potstill_off --steps 6 --precision bf16
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import time
 
 from _pair import models, records  # the demo pair (benchmarks/_pair.py)
 
+from potstill.utils import autocast_dtype, precision_note
+
 WARMUP = 2
 NAMES = ["potstill_on", "potstill_off", "trl", "sampling"]
 SEQUENCES = os.path.join(tempfile.gettempdir(), "potstill-on-policy-sequences.json")
 
 
-def run_potstill(steps: int, lmbda: float) -> dict:
+def run_potstill(steps: int, lmbda: float, precision: str) -> dict:
     from potstill.data import Example, tokenize_records
     from potstill.methods import build_method
     from potstill.recipe import load_recipe
@@ -55,7 +58,7 @@ def run_potstill(steps: int, lmbda: float) -> dict:
         ["method=on_policy", f"on_policy.lmbda={lmbda}", "on_policy.max_new_tokens=128",
          "on_policy.eval_samples=false", "teacher.model=unused", "student.init=prune",
          "student.keep_layers=[0]", f"train.max_steps={steps}", "train.batch_size=4",
-         "train.precision=bf16", "train.log_every=1", "train.save_every=0", "train.save_model=false",
+         f"train.precision={precision}", "train.log_every=1", "train.save_every=0", "train.save_model=false",
          "train.output_dir=/tmp/potstill-on-policy-bench", "train.resume=false"],
     )  # fmt: skip
     method = build_method(recipe, vocab_size=len(tok))
@@ -99,7 +102,7 @@ def run_potstill(steps: int, lmbda: float) -> dict:
     return out
 
 
-def run_trl(steps: int) -> dict:
+def run_trl(steps: int, precision: str) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -115,7 +118,7 @@ def run_trl(steps: int) -> dict:
     args = GKDConfig(
         output_dir="/tmp/trl-on-policy-bench", lmbda=1.0, beta=1.0, temperature=1.0,
         max_new_tokens=128, max_length=256, per_device_train_batch_size=4, max_steps=steps,
-        bf16=True, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1000,
+        bf16=autocast_dtype(precision) is not None, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1000,
         learning_rate=5e-4, dataloader_num_workers=0, seed=0,
     )  # fmt: skip
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
@@ -125,7 +128,7 @@ def run_trl(steps: int) -> dict:
     return {"seconds_per_step": (t1 - t0) / (len(marks) - WARMUP)}
 
 
-def run_sampling() -> dict:
+def run_sampling(precision: str) -> dict:
     import torch
 
     from potstill.data import batch_prompts, collate, tokenize_records
@@ -136,7 +139,7 @@ def run_sampling() -> dict:
     _, student, tok = models()
     examples, _ = tokenize_records(records(4), tok, max_length=256)
     prompts = batch_prompts(collate(examples, pad_token_id=tok.pad_token_id))
-    sampler = Sampler(student, tok, dtype=torch.bfloat16, batch_size=4)
+    sampler = Sampler(student, tok, dtype=autocast_dtype(precision), batch_size=4)
     params = SamplingParams(temperature=1.0, max_new_tokens=128, seed=1)
     sampler.sample(prompts, params)  # warm-up
     t0 = time.perf_counter()
@@ -144,7 +147,7 @@ def run_sampling() -> dict:
     cached_s = time.perf_counter() - t0
 
     # The same sampling without a cache: every token re-reads the whole prefix.
-    model, eos = sampler.twin, sampler.stop_ids
+    model, eos = sampler.backend.model, sampler.stop_ids
     gens = [torch.Generator().manual_seed(sample_seed(1, p, 0)) for p in prompts]
     rows = [list(p) for p in prompts]
     done = [False] * len(rows)
@@ -181,14 +184,14 @@ def run_sampling() -> dict:
     }
 
 
-def worker(name: str, steps: int) -> dict:
+def worker(name: str, steps: int, precision: str) -> dict:
     if name == "potstill_on":
-        return run_potstill(steps, 1.0)
+        return run_potstill(steps, 1.0, precision)
     if name == "potstill_off":
-        return run_potstill(steps, 0.0)
+        return run_potstill(steps, 0.0, precision)
     if name == "trl":
-        return run_trl(steps)
-    return run_sampling()
+        return run_trl(steps, precision)
+    return run_sampling(precision)
 
 
 def main() -> None:
@@ -197,18 +200,17 @@ def main() -> None:
     )
     p.add_argument("--only", nargs="*", choices=NAMES, default=NAMES)
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (2 are warm-up)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps)))
+        print(json.dumps(worker(args.worker, args.steps, args.precision)))
         return
+    print(precision_note(args.precision), flush=True)
     results = {}
     for name in args.only:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)],
-            capture_output=True,
-            text=True,
-        )
+        argv = ["--worker", name, "--steps", str(args.steps), "--precision", args.precision]
+        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
         try:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
@@ -243,7 +245,7 @@ def main() -> None:
         )
     if s := results.get("sampling"):
         print(
-            f"sampling, 4 × 128 tokens, bf16: KV cache {s['kv_cache_tokens_per_s']:.0f} tok/s, "
+            f"sampling, 4 × 128 tokens: KV cache {s['kv_cache_tokens_per_s']:.0f} tok/s, "
             f"no cache {s['no_cache_tokens_per_s']:.0f} tok/s "
             f"({s['kv_cache_tokens_per_s'] / s['no_cache_tokens_per_s']:.1f}×)"
         )

@@ -264,3 +264,25 @@ def test_top_p_from_the_top_candidates_equals_the_full_sort(monkeypatch):
         ]
         got = next_tokens(logits, 0.9, 0.8, gens).tolist()
         assert got == [reference(logits[i], draws[i]) for i in range(6)]
+
+
+# --- weight-first linears ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16, 17])
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_first_linears_compute_the_same_product_and_restore_forward(rows, bias):
+    from potstill.generation.hf import weight_first_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=bias), torch.nn.Linear(40, 7))
+    x = torch.randn(rows, 1, 24)  # (B, T=1, H): a decode step
+    expected = model(x)
+    hooked = torch.nn.Linear(40, 7)
+    hooked.forward = lambda t: torch.zeros(())  # an instance forward (as accelerate's hooks set)
+    model.append(hooked)
+    with weight_first_linears(model):
+        assert all("forward" in m.__dict__ for m in model)
+        got = model[:2](x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert "forward" not in model[0].__dict__ and model[2](x).shape == ()  # both restored

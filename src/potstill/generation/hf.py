@@ -30,6 +30,8 @@ Reproducibility (what ``SamplingParams.seed`` does and does not promise):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import inspect
 from collections.abc import Sequence
@@ -142,6 +144,49 @@ def first_stop(text: str, stop: Sequence[str]) -> int:
     """The index in ``text`` where the earliest stop string begins, or -1."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return min(hits) if hits else -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding a few rows on a CPU
+
+
+FEW_ROWS = 16  # at most this many rows take the weight-first product (measured: faster up to 16)
+
+
+def _weight_first_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` computed as ``weight @ x.T`` when ``x`` holds at most FEW_ROWS fp32 rows.
+
+    A decode step multiplies a few rows by every weight matrix. MKL's fp32 GEMM is slow for that
+    shape as ``x @ weight.T``, but streams the weight at near memory bandwidth as ``weight @ x.T``
+    (the same product, transposed). Measured on a 2-core AVX2 CPU at 4 rows: SmolLM2's head
+    (49,152 x 576) 21.3 -> 7.5 ms, its 576 -> 1536 and 1536 -> 576 projections 1.4-1.7x faster;
+    at 32 rows the two are even. Results agree with ``F.linear`` up to fp32 round-off.
+    """
+    rows = x.reshape(-1, x.shape[-1])  # (M, H)
+    if rows.shape[0] > FEW_ROWS or rows.dtype != torch.float32 or rows.device.type != "cpu":
+        return nn.functional.linear(x, layer.weight, layer.bias)
+    out = (layer.weight @ rows.T).T  # (V, H) @ (H, M) -> (M, V)
+    if layer.bias is not None:
+        out = out + layer.bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@contextlib.contextmanager
+def weight_first_linears(model: nn.Module):
+    """Within the block, the model's ``nn.Linear`` layers multiply few-row fp32 CPU inputs
+    weight-first (see :func:`_weight_first_linear`); their own ``forward`` is back afterwards."""
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    saved = [m.__dict__.get("forward") for m in layers]  # e.g. an accelerate hook's forward
+    for m in layers:
+        m.forward = functools.partial(_weight_first_linear, m)
+    try:
+        yield model
+    finally:
+        for m, forward in zip(layers, saved, strict=True):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +330,9 @@ class HFBackend:
         ]
         # Longest prompts first, samples of one prompt side by side: little padding per batch.
         ordered = sorted(rows, key=lambda r: -len(r.prompt_ids))
-        for start in range(0, len(ordered), self.batch_size):
-            self._generate_batch(ordered[start : start + self.batch_size], params)
+        with weight_first_linears(self.model):
+            for start in range(0, len(ordered), self.batch_size):
+                self._generate_batch(ordered[start : start + self.batch_size], params)
         return rows
 
     def close(self) -> None:
