@@ -99,6 +99,9 @@ def run_potstill(steps: int, lmbda: float, precision: str) -> dict:
     if lmbda > 0:
         out["sampling_share"] = sum(r["sequence_time_share"] for r in timed) / len(timed)
         out["sampled_len_mean"] = sum(r["student_sample_len_mean"] for r in timed) / len(timed)
+        out["sampling_tokens_per_s"] = sum(r["student_sample_tokens_per_s"] for r in timed) / len(
+            timed
+        )
     return out
 
 
@@ -223,7 +226,8 @@ def main() -> None:
         print(
             f"| potstill on-policy (λ=1) | {on['seconds_per_step']:.2f} | "
             f"{on['tokens_per_step']:.0f} | sampling {on['sampling_share']:.0%} of the step, "
-            f"{on['sampled_len_mean']:.0f} tokens/sample |"
+            f"{on['sampled_len_mean']:.0f} tokens/sample at {on['sampling_tokens_per_s']:.0f} "
+            "tokens/s |"
         )
     if off:
         print(
