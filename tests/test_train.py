@@ -184,7 +184,10 @@ def test_auto_precision_follows_the_measured_bf16_speed(
 def test_bf16_speed_is_measured_once_per_process():
     from potstill.utils import bf16_is_faster
 
+    bf16_is_faster.cache_clear()
+    state = torch.get_rng_state()
     assert isinstance(bf16_is_faster("cpu"), bool)
+    assert torch.equal(torch.get_rng_state(), state)  # seeded runs draw what they drew before
     assert bf16_is_faster.cache_info().currsize >= 1 and bf16_is_faster("mps") is False
 
 

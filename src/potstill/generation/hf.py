@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from potstill.generation.base import Completion, GenerationError, Prompt, SamplingParams
+from potstill.utils import default_device_type
 
 MAX_LOGPROBS = 20  # top tokens per position; the OpenAI API's own limit
 
@@ -245,7 +246,7 @@ class HFBackend:
         if isinstance(model, str):
             name = model
             model = load_model(name, dtype=dtype, trust_remote_code=trust_remote_code)
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = device or default_device_type()
         elif isinstance(model, nn.Module):
             name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
         else:
