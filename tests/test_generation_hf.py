@@ -286,3 +286,5 @@ def test_weight_first_linears_compute_the_same_product_and_restore_forward(rows,
         got = model[:2](x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert "forward" not in model[0].__dict__ and model[2](x).shape == ()  # both restored
+    with weight_first_linears(model.to(torch.bfloat16)):
+        assert not any("forward" in m.__dict__ for m in model[:2])  # only fp32 layers are patched

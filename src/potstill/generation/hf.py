@@ -155,7 +155,8 @@ FEW_ROWS = 16  # at most this many rows take the weight-first product (measured:
 
 
 def _weight_first_linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """``layer(x)`` computed as ``weight @ x.T`` when ``x`` holds at most FEW_ROWS fp32 rows.
+    """``layer(x)`` of an fp32 CPU layer, computed as ``weight @ x.T`` when ``x`` holds at most
+    FEW_ROWS fp32 rows.
 
     A decode step multiplies a few rows by every weight matrix. MKL's fp32 GEMM is slow for that
     shape as ``x @ weight.T``, but streams the weight at near memory bandwidth as ``weight @ x.T``
@@ -164,7 +165,7 @@ def _weight_first_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     at 32 rows the two are even. Results agree with ``F.linear`` up to fp32 round-off.
     """
     rows = x.reshape(-1, x.shape[-1])  # (M, H)
-    if rows.shape[0] > FEW_ROWS or rows.dtype != torch.float32 or rows.device.type != "cpu":
+    if rows.shape[0] > FEW_ROWS or rows.dtype != torch.float32:
         return nn.functional.linear(x, layer.weight, layer.bias)
     out = (layer.weight @ rows.T).T  # (V, H) @ (H, M) -> (M, V)
     if layer.bias is not None:
@@ -174,9 +175,16 @@ def _weight_first_linear(layer: nn.Linear, x: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def weight_first_linears(model: nn.Module):
-    """Within the block, the model's ``nn.Linear`` layers multiply few-row fp32 CPU inputs
-    weight-first (see :func:`_weight_first_linear`); their own ``forward`` is back afterwards."""
-    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    """Within the block, the model's fp32 CPU ``nn.Linear`` layers multiply few-row inputs
+    weight-first (see :func:`_weight_first_linear`); their own ``forward`` is back afterwards.
+    Layers in other dtypes or on other devices are left alone (no per-call detour)."""
+    layers = [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear
+        and m.weight.dtype == torch.float32
+        and m.weight.device.type == "cpu"
+    ]
     saved = [m.__dict__.get("forward") for m in layers]  # e.g. an accelerate hook's forward
     for m in layers:
         m.forward = functools.partial(_weight_first_linear, m)
