@@ -13,12 +13,15 @@ autocast where bf16 matmuls beat fp32 on this CPU, else fp32). Each run is its o
   * trl:          TRL's GKDTrainer, lmbda=1, beta=1 (its reverse KL), temperature=1,
                   max_new_tokens=128, on the same models and prompts;
   * sampling:     the student's sampler alone (a bf16 twin under bf16) on 4 prompts × 128 tokens,
-                  KV-cached (potstill's HFBackend) and recomputing the whole prefix at every
-                  token.
-The first steps (warm-up) are excluded from the timings.
+                  KV-cached (potstill's HFBackend, eager and compiled) and recomputing the whole
+                  prefix at every token.
+The training runs decode with ``on_policy.compile`` as ``--compile`` says (default on, as in
+recipes/on_policy_gkd.yaml). The first steps (warm-up, compilation included) are excluded from the
+timings.
 
     python benchmarks/on_policy_step.py
     python benchmarks/on_policy_step.py --only potstill_on potstill_off --steps 6 --precision bf16
+    python benchmarks/on_policy_step.py --only potstill_on --compile off
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ NAMES = ["potstill_on", "potstill_off", "trl", "sampling"]
 SEQUENCES = os.path.join(tempfile.gettempdir(), "potstill-on-policy-sequences.json")
 
 
-def run_potstill(steps: int, lmbda: float, precision: str) -> dict:
+def run_potstill(steps: int, lmbda: float, precision: str, compile: bool) -> dict:
     from potstill.data import Example, tokenize_records
     from potstill.methods import build_method
     from potstill.recipe import load_recipe
@@ -56,6 +59,7 @@ def run_potstill(steps: int, lmbda: float, precision: str) -> dict:
     recipe = load_recipe(
         None,
         ["method=on_policy", f"on_policy.lmbda={lmbda}", "on_policy.max_new_tokens=128",
+         f"on_policy.compile={str(compile).lower()}",
          "on_policy.eval_samples=false", "teacher.model=unused", "student.init=prune",
          "student.keep_layers=[0]", f"train.max_steps={steps}", "train.batch_size=4",
          f"train.precision={precision}", "train.log_every=1", "train.save_every=0", "train.save_model=false",
@@ -95,8 +99,13 @@ def run_potstill(steps: int, lmbda: float, precision: str) -> dict:
         "seconds_per_step": seconds / len(timed),
         "tokens_per_step": tokens / len(timed),
         "tokens_per_s": tokens / seconds,
+        "step_seconds": [
+            round(b - a, 2) for a, b in zip(marks[WARMUP - 1 : -1], marks[WARMUP:], strict=True)
+        ],
     }
     if lmbda > 0:
+        out["sampling_seconds"] = [round(r["sequence_time_share"] * d, 2) for r, d in zip(
+            timed, out["step_seconds"], strict=True)]  # fmt: skip
         out["sampling_share"] = sum(r["sequence_time_share"] for r in timed) / len(timed)
         out["sampled_len_mean"] = sum(r["student_sample_len_mean"] for r in timed) / len(timed)
         out["sampling_tokens_per_s"] = sum(r["student_sample_tokens_per_s"] for r in timed) / len(
@@ -142,12 +151,16 @@ def run_sampling(precision: str) -> dict:
     _, student, tok = models()
     examples, _ = tokenize_records(records(4), tok, max_length=256)
     prompts = batch_prompts(collate(examples, pad_token_id=tok.pad_token_id))
-    sampler = Sampler(student, tok, dtype=autocast_dtype(precision), batch_size=4)
     params = SamplingParams(temperature=1.0, max_new_tokens=128, seed=1)
-    sampler.sample(prompts, params)  # warm-up
-    t0 = time.perf_counter()
-    cached = sampler.sample(prompts, params)
-    cached_s = time.perf_counter() - t0
+    cached_s = {}
+    for compile in (False, True):
+        sampler = Sampler(
+            student, tok, dtype=autocast_dtype(precision), batch_size=4, compile=compile
+        )
+        sampler.sample(prompts, params)  # warm-up (and compilation)
+        t0 = time.perf_counter()
+        cached = sampler.sample(prompts, params)
+        cached_s[compile] = time.perf_counter() - t0
 
     # The same sampling without a cache: every token re-reads the whole prefix.
     model, eos = sampler.backend.model, sampler.stop_ids
@@ -181,17 +194,18 @@ def run_sampling(precision: str) -> dict:
     uncached_s = time.perf_counter() - t0
     cached_tokens = sum(len(c) for c in cached)
     return {
-        "kv_cache_tokens_per_s": cached_tokens / cached_s,
+        "kv_cache_tokens_per_s": cached_tokens / cached_s[False],
+        "compiled_kv_cache_tokens_per_s": cached_tokens / cached_s[True],
         "no_cache_tokens_per_s": produced / uncached_s,
         "tokens": cached_tokens,
     }
 
 
-def worker(name: str, steps: int, precision: str) -> dict:
+def worker(name: str, steps: int, precision: str, compile: bool) -> dict:
     if name == "potstill_on":
-        return run_potstill(steps, 1.0, precision)
+        return run_potstill(steps, 1.0, precision, compile)
     if name == "potstill_off":
-        return run_potstill(steps, 0.0, precision)
+        return run_potstill(steps, 0.0, precision, compile)
     if name == "trl":
         return run_trl(steps, precision)
     return run_sampling(precision)
@@ -204,15 +218,19 @@ def main() -> None:
     p.add_argument("--only", nargs="*", choices=NAMES, default=NAMES)
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (2 are warm-up)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument(
+        "--compile", choices=["on", "off"], default="on", help="on_policy.compile of the runs"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.precision)))
+        print(json.dumps(worker(args.worker, args.steps, args.precision, args.compile == "on")))
         return
-    print(precision_note(args.precision), flush=True)
+    print(precision_note(args.precision) + f"; on_policy.compile {args.compile}", flush=True)
     results = {}
     for name in args.only:
-        argv = ["--worker", name, "--steps", str(args.steps), "--precision", args.precision]
+        argv = ["--worker", name, "--steps", str(args.steps), "--precision", args.precision,
+                "--compile", args.compile]  # fmt: skip
         proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
         try:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -250,6 +268,7 @@ def main() -> None:
     if s := results.get("sampling"):
         print(
             f"sampling, 4 × 128 tokens: KV cache {s['kv_cache_tokens_per_s']:.0f} tok/s, "
+            f"compiled on a static KV cache {s['compiled_kv_cache_tokens_per_s']:.0f} tok/s, "
             f"no cache {s['no_cache_tokens_per_s']:.0f} tok/s "
             f"({s['kv_cache_tokens_per_s'] / s['no_cache_tokens_per_s']:.1f}×)"
         )

@@ -288,3 +288,73 @@ def test_weight_first_linears_compute_the_same_product_and_restore_forward(rows,
     assert "forward" not in model[0].__dict__ and model[2](x).shape == ()  # both restored
     with weight_first_linears(model.to(torch.bfloat16)):
         assert not any("forward" in m.__dict__ for m in model[:2])  # only fp32 layers are patched
+
+
+# --- compiled decoding (static cache) -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_chat_lm):
+    """A compile=True backend over a private copy of the tiny model (its weights get changed)."""
+    model, tokenizer = tiny_chat_lm
+    return HFBackend(copy.deepcopy(model), tokenizer, batch_size=4, compile=True)
+
+
+def test_compiled_decoding_matches_the_dynamic_path_and_the_reference(compiled):
+    model, tokenizer = compiled.model, compiled.tokenizer
+    eager = HFBackend(model, tokenizer, batch_size=4)
+    greedy = SamplingParams(temperature=0, max_new_tokens=12, logprobs=0)
+    got = compiled.generate(PROMPTS, greedy)  # batches of 4 and 1: two shapes
+    for [c], [e] in zip(got, eager.generate(PROMPTS, greedy), strict=True):
+        assert (c.tokens, c.text, c.finish_reason) == (e.tokens, e.text, e.finish_reason)
+        assert c.token_logprobs == pytest.approx(e.token_logprobs, abs=1e-5)  # float round-off
+    for prompt, [c] in zip(PROMPTS, got, strict=True):
+        expected = greedy_reference(model, compiled.prompt_token_ids(prompt), 12, 2)
+        assert ids_of(compiled, c) == expected
+    sampled = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=3)
+    assert compiled.generate(PROMPTS, sampled) == eager.generate(PROMPTS, sampled)
+    assert compiled._static.compiled  # it did compile, and did not fall back
+
+
+def test_compiled_decoding_keeps_finished_rows_aside(compiled):
+    """Rows that stop early stay in the static batch, fed pads; the others are unaffected."""
+    free = SamplingParams(temperature=0, max_new_tokens=10)
+    ids = compiled.generate_ids([[5, 6, 7], [8, 9], [10, 11, 12, 13]], free)
+    stop = ids[1][0][2]  # the second row's third token ends it (and any other row using it)
+    model, tokenizer = compiled.model, compiled.tokenizer
+    kw = {"batch_size": 4, "stop_token_ids": [stop]}
+    stopping = HFBackend(model, tokenizer, compile=True, **kw)
+    got = stopping.generate_ids([[5, 6, 7], [8, 9], [10, 11, 12, 13]], free)
+    assert got == HFBackend(model, tokenizer, **kw).generate_ids(
+        [[5, 6, 7], [8, 9], [10, 11, 12, 13]], free
+    )
+    assert len(got[1][0]) <= 3 and got[1][0][-1] == stop
+
+
+def test_compiled_decoding_reads_the_current_weights(compiled):
+    """The compiled graph takes the parameters as inputs: training the model in place between
+    samplings (on-policy distillation) changes what is sampled, as it does eagerly."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    before = compiled.generate_ids([[5, 6, 7]], greedy)
+    with torch.no_grad():
+        compiled.model.lm_head.weight[:, :] = torch.randn_like(compiled.model.lm_head.weight)
+    after = compiled.generate_ids([[5, 6, 7]], greedy)
+    assert after != before
+    assert after == HFBackend(compiled.model, compiled.tokenizer).generate_ids([[5, 6, 7]], greedy)
+
+
+def test_compiled_decoding_falls_back_to_eager_with_a_warning(tiny_chat_lm, monkeypatch):
+    from potstill.generation import static_decode
+
+    model, tokenizer = tiny_chat_lm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(static_decode.torch, "compile", lambda fn: broken)
+    backend = HFBackend(model, tokenizer, compile=True)
+    greedy = SamplingParams(temperature=0, max_new_tokens=6)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*compile=False"):
+        got = backend.generate_ids([[5, 6, 7], [8, 9]], greedy)
+    assert got == HFBackend(model, tokenizer).generate_ids([[5, 6, 7], [8, 9]], greedy)
+    assert not backend._static.compiled

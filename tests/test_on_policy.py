@@ -226,6 +226,8 @@ def test_recipe_defaults_and_errors(tmp_path):
         recipe(tmp_path, "on_policy.sampling_temperature=0")
     with pytest.raises(RecipeError, match=r"did you mean `loss\.kd_temperature`"):
         recipe(tmp_path, "loss.temperature=2")
+    with pytest.raises(RecipeError, match=r"on_policy\.compile=false or on_policy\.engine=hf"):
+        recipe(tmp_path, "on_policy.compile=true", "on_policy.engine=vllm")
 
 
 # --- vLLM sampler, against a stand-in -----------------------------------------------------------
@@ -284,11 +286,14 @@ def test_a_few_on_policy_steps_on_the_bundled_pair(tmp_path, smollm2_dir):
     )  # fmt: skip
     models = load_models(r)
     data = load_data(r, models.tokenizer)
+    method = build_method(r, vocab_size=models.vocab_size)
     result = train(
-        r, build_method(r, vocab_size=models.vocab_size), student=models.student,
-        tokenizer=models.tokenizer, train_examples=data.train, eval_examples=data.eval,
-        teacher=models.teacher, vocab_size=models.vocab_size,
+        r, method, student=models.student, tokenizer=models.tokenizer, train_examples=data.train,
+        eval_examples=data.eval, teacher=models.teacher, vocab_size=models.vocab_size,
     )  # fmt: skip
     first = result.history[0]
     assert first["on_policy_fraction"] == 1.0 and first["student_sample_len_max"] <= 8
     assert result.eval["own_reverse_kl"] > 0
+    # the recipe compiles the student's decode step, and compiling worked
+    assert "compiled decoding" in method.describe()
+    assert method.samplers["student"].backend._static.compiled

@@ -14,6 +14,8 @@ One batch, top to bottom:
      ``torch.Generator``), record logprobs from the untempered distribution;
   3) finish rows on EOS, a stop string or ``max_new_tokens``, drop finished rows from the cache;
   4) feed the live rows' new tokens back with the attention mask grown by one column.
+With ``compile=True`` the steps run a ``torch.compile``d forward on fixed shapes instead: a static
+cache, finished rows kept in the batch and ignored (``potstill.generation.static_decode``).
 
 Reproducibility (what ``SamplingParams.seed`` does and does not promise):
   * each sample's generator is seeded from (seed, the prompt's token ids, the sample's index in
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from potstill.generation.base import Completion, GenerationError, Prompt, SamplingParams
+from potstill.generation.static_decode import StaticDecoder, StaticRows
 from potstill.utils import default_device_type
 
 MAX_LOGPROBS = 20  # top tokens per position; the OpenAI API's own limit
@@ -187,7 +190,11 @@ def weight_first_linears(model: nn.Module):
     ]
     saved = [m.__dict__.get("forward") for m in layers]  # e.g. an accelerate hook's forward
     for m in layers:
-        m.forward = functools.partial(_weight_first_linear, m)
+        # One wrapper per layer for its lifetime: a compiled decode step (static_decode) guards
+        # on the identity of each layer's forward, and a new object per call would recompile.
+        if "_weight_first_forward" not in m.__dict__:
+            m._weight_first_forward = functools.partial(_weight_first_linear, m)
+        m.forward = m._weight_first_forward
     try:
         yield model
     finally:
@@ -196,6 +203,81 @@ def weight_first_linears(model: nn.Module):
                 del m.forward
             else:
                 m.forward = forward
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV cache of one batch of rows, grown token by token
+
+
+class _GrowingRows:
+    """One batch's rows over a ``DynamicCache`` that grows a column per step and drops finished
+    rows (``static_decode.StaticRows`` is the fixed-shape counterpart, same calls).
+
+    Prompts are left-padded, positions count real tokens only (pads get position 0, as
+    transformers' ``generate`` does); each distinct prompt is prefilled once and its cache copied
+    to its rows.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompts: list[list[int]],  # one per row (rows of one prompt repeat it)
+        pad_id: int,
+        logits_to_keep: bool,
+    ) -> None:
+        self.model = model
+        device = next(model.parameters()).device
+        distinct: dict[tuple[int, ...], int] = {}
+        for ids in prompts:
+            distinct.setdefault(tuple(ids), len(distinct))
+        width = max(len(p) for p in distinct)
+        input_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)  # (P, L)
+        attention = torch.zeros((len(distinct), width), dtype=torch.long)  # (P, L)
+        for i, ids in enumerate(distinct):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention[i, width - len(ids) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)  # (P, L) pads sit at position 0
+        input_ids, attention, positions = (t.to(device) for t in (input_ids, attention, positions))
+        self.cache = DynamicCache(config=model.config)
+        # An index tensor, not the int 1: transformers slices hidden[:, -1:] for an int, and a
+        # linear layer on that strided 3-D view expands and copies the whole head per row
+        # (237 ms instead of 4.6 ms for SmolLM2's bf16 head at batch 4, measured).
+        extra = (
+            {"logits_to_keep": torch.tensor([width - 1], device=device)} if logits_to_keep else {}
+        )
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            **extra,
+        )
+        self.logits = out.logits[:, -1].float()  # (P, V)
+        self.attention, self.next_position = attention, positions[:, -1:] + 1  # (P, L), (P, 1)
+        if len(distinct) < len(prompts):  # give every row its prompt's cache
+            which = torch.tensor([distinct[tuple(ids)] for ids in prompts], device=device)
+            self.keep(which)  # (P, ...) -> (B, ...)
+            self.logits = self.logits[which]
+
+    def keep(self, index: Tensor) -> None:
+        """Keep the rows at ``index`` (positions in the current batch order), in that order."""
+        self.cache.batch_select_indices(index)
+        self.attention, self.next_position = self.attention[index], self.next_position[index]
+
+    def step(self, chosen: Tensor) -> Tensor:
+        """Feed each row its token (B,); -> the rows' next logits (B, V) float32."""
+        rows = len(chosen)
+        self.attention = torch.cat([self.attention, self.attention.new_ones((rows, 1))], dim=-1)
+        out = self.model(
+            input_ids=chosen[:, None],  # (B, 1)
+            attention_mask=self.attention,  # (B, L + step + 1)
+            position_ids=self.next_position,  # (B, 1)
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1].float()  # (B, V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +314,11 @@ class HFBackend:
     logprob lists cover every sampled token, the final EOS included; ``text`` leaves out special
     tokens and is cut before a stop string; ``num_tokens`` counts the sampled tokens.
 
+    ``compile=True`` runs each decode step through ``torch.compile`` on a static KV cache
+    (``potstill.generation.static_decode``): 1.6x faster steps for SmolLM2 pruned to 6 layers on
+    a 2-core CPU, after a compilation of ~30 s (a few seconds with inductor's cache warm). Same
+    tokens as the default path up to float round-off in the logits (see Reproducibility).
+
     One call at a time: the backend holds no lock (``potstill.serve`` puts one around it).
     """
 
@@ -246,6 +333,7 @@ class HFBackend:
         trust_remote_code: bool = False,
         device: str | None = None,
         stop_token_ids: Sequence[int] = (),  # extra ids that end a completion, besides EOS
+        compile: bool = False,  # torch.compile the decode step (static cache; see static_decode)
     ) -> None:
         from potstill.models import load_model, load_tokenizer
 
@@ -281,6 +369,8 @@ class HFBackend:
         self.vocab_size = head.weight.shape[0] if head is not None else model.config.vocab_size
         self._keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._token_text: dict[int, str] = {}  # id -> decoded text, for logprobs
+        self.compile = bool(compile)
+        self._static: StaticDecoder | None = None  # built on the first compiled batch
 
     # --- the Backend protocol -----------------------------------------------------------------
 
@@ -346,7 +436,7 @@ class HFBackend:
 
     def close(self) -> None:
         """Release the model (idempotent); later ``generate`` calls raise GenerationError."""
-        self.model = None
+        self.model = self._static = None
 
     # --- prompts ----------------------------------------------------------------------------
 
@@ -384,45 +474,21 @@ class HFBackend:
     @torch.inference_mode()
     def _generate_batch(self, rows: list[_Row], params: SamplingParams) -> None:
         """Decode ``rows`` together, filling in their ids, logprobs and finish reasons."""
-        model, device = self.model, self.device
-        # 1) prefill each distinct prompt once, left-padded
-        distinct: dict[tuple[int, ...], int] = {}
-        for row in rows:
-            distinct.setdefault(tuple(row.prompt_ids), len(distinct))
-        prompts = list(distinct)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (P, L)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)  # (P, L)
-        for i, ids in enumerate(prompts):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention[i, width - len(ids) :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp_min(0)  # (P, L) pads sit at position 0
-        input_ids, attention, positions = (t.to(device) for t in (input_ids, attention, positions))
-        cache = DynamicCache(config=model.config)
-        # An index tensor, not the int 1: transformers slices hidden[:, -1:] for an int, and a
-        # linear layer on that strided 3-D view expands and copies the whole head per row
-        # (237 ms instead of 4.6 ms for SmolLM2's bf16 head at batch 4, measured).
-        extra = (
-            {"logits_to_keep": torch.tensor([width - 1], device=device)}
-            if self._keeps_last_logits
-            else {}
-        )
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **extra,
-        )
-        logits = out.logits[:, -1].float()  # (P, V)
-        # ... and give every sample its prompt's cache
-        next_position = positions[:, -1:] + 1  # (P, 1)
-        if len(prompts) < len(rows):
-            which = torch.tensor([distinct[tuple(r.prompt_ids)] for r in rows], device=device)
-            cache.batch_select_indices(which)  # (P, ...) -> (B, ...)
-            logits, attention, next_position = logits[which], attention[which], next_position[which]
-
+        if self.compile:  # 1) prefill
+            if self._static is None:
+                self._static = StaticDecoder(self.model)
+            kv = StaticRows(
+                self._static,
+                [r.prompt_ids for r in rows],
+                params.max_new_tokens,
+                self.pad_id,
+                self._keeps_last_logits,
+            )
+        else:
+            kv = _GrowingRows(
+                self.model, [r.prompt_ids for r in rows], self.pad_id, self._keeps_last_logits
+            )
+        logits = kv.logits  # (B, V) float32
         live = list(rows)  # the rows still decoding, in batch order
         generators = [
             torch.Generator().manual_seed(sample_seed(params.seed, r.prompt_ids, r.sample))
@@ -453,23 +519,13 @@ class HFBackend:
             if not keep:
                 break
             if len(keep) < len(live):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                attention, next_position = attention[index], next_position[index]
+                index = torch.tensor(keep, device=chosen.device)
+                kv.keep(index)
                 chosen = chosen[index]
                 live = [live[j] for j in keep]
                 generators = [generators[j] for j in keep]
             # 4) one more token for the live rows
-            attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=-1)
-            out = model(
-                input_ids=chosen[:, None],  # (B, 1)
-                attention_mask=attention,  # (B, L + step + 1)
-                position_ids=next_position,  # (B, 1)
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1].float()  # (B, V)
-            next_position = next_position + 1
+            logits = kv.step(chosen)  # (B, V)
 
     def _find_stop(self, row: _Row, stop: Sequence[str]) -> int:
         # The whole completion is decoded again each step: a stop string can span tokens, and

@@ -101,6 +101,7 @@ class OnPolicy(TokenLevel):
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
     engine: str = "hf"
+    compile_decode: bool = False  # on_policy.compile (``compile`` is loss.compile's)
     eval_samples: bool = True
     seed: int = 0
     sample_dtype: torch.dtype | None = None  # bf16 twin under bf16 training; None: the model
@@ -112,7 +113,9 @@ class OnPolicy(TokenLevel):
         mix = f"λ={self.lmbda}" + (", seq_kd" if self.seq_kd else "")
         return (
             f"on_policy ({mix}, sampling T={self.sampling_temperature}, top_p={self.top_p}, "
-            f"≤{self.max_new_tokens} new tokens, engine {self.engine}); "
+            f"≤{self.max_new_tokens} new tokens, engine {self.engine}"
+            + (", compiled decoding" if self.compile_decode and self.engine == "hf" else "")
+            + "); "
             + super().describe().removeprefix("token_level: ")
         )
 
@@ -131,6 +134,7 @@ class OnPolicy(TokenLevel):
             max_new_tokens=o.max_new_tokens,
             stop_token_ids=tuple(o.stop_token_ids),
             engine=o.engine,
+            compile_decode=o.compile,
             eval_samples=o.eval_samples,
             seed=r.train.seed,
             sample_dtype=autocast_dtype(r.train.precision),
@@ -154,6 +158,7 @@ class OnPolicy(TokenLevel):
                     sync=who == "student",
                     batch_size=64,
                     stop_token_ids=self.stop_token_ids,
+                    compile=self.compile_decode,
                 )
         return self.samplers[who]
 
