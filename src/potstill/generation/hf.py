@@ -107,7 +107,7 @@ def next_tokens(
     """
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
-    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    probs = torch.softmax(logits / temperature if temperature != 1 else logits, dim=-1)  # (B, V)
     draws = torch.stack([torch.rand((), generator=g) for g in generators]).to(probs.device)  # (B,)
     if top_p >= 1:
         return _inverse_cdf(probs, draws)
