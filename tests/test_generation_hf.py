@@ -351,10 +351,36 @@ def test_compiled_decoding_falls_back_to_eager_with_a_warning(tiny_chat_lm, monk
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(static_decode.torch, "compile", lambda fn: broken)
+    monkeypatch.setattr(static_decode.torch, "compile", lambda fn, **options: broken)
     backend = HFBackend(model, tokenizer, compile=True)
     greedy = SamplingParams(temperature=0, max_new_tokens=6)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*compile=False"):
         got = backend.generate_ids([[5, 6, 7], [8, 9]], greedy)
     assert got == HFBackend(model, tokenizer).generate_ids([[5, 6, 7], [8, 9]], greedy)
     assert not backend._static.compiled
+
+
+def test_compiled_decoding_of_a_sliding_window_model_matches_the_dynamic_path():
+    """Gemma 3 mixes sliding-window and global layers, each with its own static cache layout;
+    prompts and completions here run past its 8-token window."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=256, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(config).eval()
+        for p in model.parameters():  # peaked distributions: no greedy near-ties
+            torch.nn.init.normal_(p, std=0.5)
+    tokenizer = type("Tok", (), {"eos_token_id": 1, "pad_token_id": 0})()
+    prompts = [list(range(5, 15)), [20, 21, 22], list(range(30, 36))]
+    greedy = SamplingParams(temperature=0, max_new_tokens=20)
+    got = HFBackend(model, tokenizer, compile=True)
+    assert got.generate_ids(prompts, greedy) == HFBackend(model, tokenizer).generate_ids(
+        prompts, greedy
+    )
+    assert got._static.compiled
