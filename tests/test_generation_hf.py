@@ -351,7 +351,7 @@ def test_compiled_decoding_falls_back_to_eager_with_a_warning(tiny_chat_lm, monk
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(static_decode.torch, "compile", lambda fn, **options: broken)
+    monkeypatch.setattr(static_decode.torch, "compile", lambda fn: broken)
     backend = HFBackend(model, tokenizer, compile=True)
     greedy = SamplingParams(temperature=0, max_new_tokens=6)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*compile=False"):

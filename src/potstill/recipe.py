@@ -260,9 +260,9 @@ class OnPolicySpec:
         "hf",
     )
     compile: bool = doc(
-        "engine hf: torch.compile the decode step on a static KV cache (1.4x the sampling "
+        "engine hf: torch.compile the decode step on a static KV cache (1.3-1.5x the sampling "
         "tokens/s of SmolLM2's 6-layer student on a 2-core CPU; the first sampling compiles, "
-        "10-30 s); falls back to eager decoding with a warning where compiling fails",
+        "5-35 s); falls back to eager decoding with a warning where compiling fails",
         False,
     )
     eval_samples: bool = doc(

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from potstill.generation.base import Completion, GenerationError, Prompt, SamplingParams
-from potstill.generation.static_decode import StaticDecoder, StaticRows
+from potstill.generation.static_decode import StaticDecoder, StaticRows, prefill
 from potstill.utils import default_device_type
 
 MAX_LOGPROBS = 20  # top tokens per position; the OpenAI API's own limit
@@ -213,9 +213,8 @@ class _GrowingRows:
     """One batch's rows over a ``DynamicCache`` that grows a column per step and drops finished
     rows (``static_decode.StaticRows`` is the fixed-shape counterpart, same calls).
 
-    Prompts are left-padded, positions count real tokens only (pads get position 0, as
-    transformers' ``generate`` does); each distinct prompt is prefilled once and its cache copied
-    to its rows.
+    Each distinct prompt is prefilled once (``static_decode.prefill``) and its cache copied to
+    its rows.
     """
 
     def __init__(
@@ -226,37 +225,15 @@ class _GrowingRows:
         logits_to_keep: bool,
     ) -> None:
         self.model = model
-        device = next(model.parameters()).device
         distinct: dict[tuple[int, ...], int] = {}
         for ids in prompts:
             distinct.setdefault(tuple(ids), len(distinct))
-        width = max(len(p) for p in distinct)
-        input_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)  # (P, L)
-        attention = torch.zeros((len(distinct), width), dtype=torch.long)  # (P, L)
-        for i, ids in enumerate(distinct):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention[i, width - len(ids) :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp_min(0)  # (P, L) pads sit at position 0
-        input_ids, attention, positions = (t.to(device) for t in (input_ids, attention, positions))
         self.cache = DynamicCache(config=model.config)
-        # An index tensor, not the int 1: transformers slices hidden[:, -1:] for an int, and a
-        # linear layer on that strided 3-D view expands and copies the whole head per row
-        # (237 ms instead of 4.6 ms for SmolLM2's bf16 head at batch 4, measured).
-        extra = (
-            {"logits_to_keep": torch.tensor([width - 1], device=device)} if logits_to_keep else {}
-        )
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            **extra,
-        )
-        self.logits = out.logits[:, -1].float()  # (P, V)
-        self.attention, self.next_position = attention, positions[:, -1:] + 1  # (P, L), (P, 1)
+        self.logits, self.attention, self.next_position = prefill(
+            model, [list(p) for p in distinct], pad_id, self.cache, logits_to_keep=logits_to_keep
+        )  # (P, V), (P, L), (P, 1)
         if len(distinct) < len(prompts):  # give every row its prompt's cache
-            which = torch.tensor([distinct[tuple(ids)] for ids in prompts], device=device)
+            which = torch.tensor([distinct[tuple(p)] for p in prompts], device=self.logits.device)
             self.keep(which)  # (P, ...) -> (B, ...)
             self.logits = self.logits[which]
 
@@ -315,9 +292,10 @@ class HFBackend:
     tokens and is cut before a stop string; ``num_tokens`` counts the sampled tokens.
 
     ``compile=True`` runs each decode step through ``torch.compile`` on a static KV cache
-    (``potstill.generation.static_decode``): 1.6x faster steps for SmolLM2 pruned to 6 layers on
-    a 2-core CPU, after a compilation of ~30 s (a few seconds with inductor's cache warm). Same
-    tokens as the default path up to float round-off in the logits (see Reproducibility).
+    (``potstill.generation.static_decode``): 30 -> 14-16 ms a step for SmolLM2 pruned to 6
+    layers, 4 rows, on a 2-core CPU, after a compilation of ~25-35 s (5-7 s with inductor's
+    cache warm). The same distribution as the default path; tokens differ only where float
+    round-off in the logits moves a choice (see Reproducibility).
 
     One call at a time: the backend holds no lock (``potstill.serve`` puts one around it).
     """

@@ -21,8 +21,8 @@ position: 0.7-0.8 ms per layer on a 2-core CPU for SmolLM2 at 4 rows and 286 pos
 Measured there (SmolLM2-135M pruned to 6 layers, 4 rows, fp32, weight-first linears): 30 ms per
 step eager with a DynamicCache, 26 ms eager with a StaticCache, 24 ms compiled with inductor's own
 attention, 18 ms compiled with this op, 14-16 ms with the refinements below (the filled slots
-only, fewer guards, a C++ wrapper); the weight matmuls alone take ~13 ms. Compiling costs ~30 s
-the first time on a machine and ~5 s once inductor's on-disk cache is warm.
+only, fewer guards); the weight matmuls alone take ~13 ms. Compiling costs ~25-35 s the first
+time on a machine and ~5-7 s once inductor's on-disk cache is warm.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AttentionInterface, StaticCache
+from transformers import AttentionInterface, Cache, StaticCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 ATTENTION = "potstill_decode"  # the attention implementation the compiled step runs under
@@ -107,6 +107,47 @@ AttentionInterface.register(ATTENTION, _attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)  # bool masks, as for sdpa
 
 
+def prefill(
+    model: nn.Module,
+    prompts: list[list[int]],  # one per row
+    pad_id: int,
+    cache: Cache,  # empty
+    *,
+    logits_to_keep: bool,  # the model's forward takes logits_to_keep
+    columns: int | None = None,  # width of the returned mask; default the longest prompt
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run left-padded ``prompts`` through ``model`` into ``cache`` (both decoding paths).
+
+    -> the last position's logits (P, V) float32, the attention mask (P, columns) long with 1 on
+    prompt tokens, and each row's next position (P, 1). Positions count real tokens only (pads
+    get position 0, as transformers' ``generate`` does).
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (P, W)
+    attention = torch.zeros((len(prompts), columns or width), dtype=torch.long)  # (P, C)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention[i, width - len(ids) : width] = 1
+    positions = (attention[:, :width].cumsum(-1) - 1).clamp_min(0)  # (P, W)
+    input_ids, attention, positions = (t.to(device) for t in (input_ids, attention, positions))
+    # An index tensor, not the int 1: transformers slices hidden[:, -1:] for an int, and a linear
+    # layer on that strided 3-D view expands and copies the whole head per row (237 ms instead
+    # of 4.6 ms for SmolLM2's bf16 head at batch 4, measured).
+    extra = {"logits_to_keep": torch.tensor([width - 1], device=device)} if logits_to_keep else {}
+    if isinstance(cache, StaticCache):  # the slots it writes
+        extra["cache_position"] = torch.arange(width, device=device)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention[:, :width],
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        **extra,
+    )
+    return out.logits[:, -1].float(), attention, positions[:, -1:] + 1
+
+
 class StaticDecoder:
     """A model's compiled decode step and its static KV cache (one at a time, reused)."""
 
@@ -117,11 +158,10 @@ class StaticDecoder:
             p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values()
         )
         # dynamic=None: the first shape compiles as is; a second batch size or cache length
-        # recompiles once with that dimension symbolic. On a CPU the graph's wrapper is C++
-        # (cpp_wrapper) rather than Python: 10-20% off a SmolLM2 step (e.g. 15.7 -> 13.6 ms,
-        # measured in alternation), for a longer first compilation (~30 s instead of ~7 s).
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        self._compiled = torch.compile(self._forward, options={"cpp_wrapper": on_cpu})
+        # recompiles once with that dimension symbolic. (inductor's C++ wrapper, cpp_wrapper,
+        # took 10-20% off a SmolLM2 step in two alternating comparisons on a 2-core CPU and
+        # nothing in two others, for a first compilation of ~30 s instead of ~7 s: not used.)
+        self._compiled = torch.compile(self._forward)
         self.compiled = True  # False once compiling failed and steps run eagerly
         self._cache: StaticCache | None = None
         self._cache_key: tuple[int, int] | None = None
@@ -182,33 +222,20 @@ class StaticRows:
         pad_id: int,
         logits_to_keep: bool,
     ) -> None:
-        model, device = decoder.model, next(decoder.model.parameters()).device
+        device = next(decoder.model.parameters()).device
         self.decoder, self.pad_id = decoder, pad_id
         rows, width = len(prompts), max(len(p) for p in prompts)
         self.cache, length = decoder.cache(rows, width + max_new_tokens)
-        input_ids = torch.full((rows, width), pad_id, dtype=torch.long)  # (B, W)
-        self.attention = torch.zeros((rows, length), dtype=torch.long)  # (B, S) whole cache
-        for i, ids in enumerate(prompts):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            self.attention[i, width - len(ids) : width] = 1
-        positions = (self.attention[:, :width].cumsum(-1) - 1).clamp_min(0)  # (B, W)
-        input_ids, positions = input_ids.to(device), positions.to(device)
-        self.attention = self.attention.to(device)
-        extra = (
-            {"logits_to_keep": torch.tensor([width - 1], device=device)} if logits_to_keep else {}
+        # Prefill runs eagerly: prompt widths vary from batch to batch. The mask spans the whole
+        # cache, (B, S), its columns set one per step.
+        self.logits, self.attention, self.next_position = prefill(
+            decoder.model,
+            prompts,
+            pad_id,
+            self.cache,
+            logits_to_keep=logits_to_keep,
+            columns=length,
         )
-        # Prefill runs eagerly: prompt widths vary from batch to batch.
-        out = model(
-            input_ids=input_ids,
-            attention_mask=self.attention[:, :width],
-            position_ids=positions,
-            past_key_values=self.cache,
-            cache_position=torch.arange(width, device=device),
-            use_cache=True,
-            **extra,
-        )
-        self.logits = out.logits[:, -1].float()  # (B, V)
-        self.next_position = positions[:, -1:] + 1  # (B, 1)
         self.slot = width  # the cache slot of the next token
         self.live = torch.arange(rows, device=device)  # (b,) batch rows still decoding
         self.tokens = torch.full((rows, 1), pad_id, dtype=torch.long, device=device)  # (B, 1)
