@@ -217,3 +217,62 @@ def test_fused_and_naive_paths_train_identically(tmp_path, setup):
         assert a["soft"] == pytest.approx(b["soft"], rel=1e-4) and a["hard"] == pytest.approx(
             b["hard"], rel=1e-4
         )
+
+
+def test_padding_free_and_padded_batches_train_identically(tmp_path, setup, monkeypatch):
+    import potstill.lm as lm
+
+    _, teacher, _ = setup
+    runs = {}
+    for free in ("true", "false"):
+        calls = lm._varlen_attention.calls
+        result, student = run(
+            tmp_path / free, setup, "train.max_steps=3", f"train.padding_free={free}",
+            student=prune_layers(teacher, [0, 3]),
+        )  # fmt: skip
+        assert (lm._varlen_attention.calls > calls) == (free == "true")  # the switch is obeyed
+        runs[free] = (result, weights(student))
+    for k, v in runs["false"][1].items():
+        torch.testing.assert_close(runs["true"][1][k], v, rtol=1e-4, atol=1e-4)
+    losses = [[r["loss"] for r in runs[f][0].history if "loss" in r] for f in ("true", "false")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert lm.PADDING_FREE.get()  # the run's setting does not leak out of train()
+
+
+def test_adamw_is_fused_on_cpu_for_a_single_process(tiny_llama):
+    from accelerate import Accelerator
+
+    from potstill.train import fused_adamw
+
+    assert fused_adamw(tiny_llama(32), Accelerator()) is True
+    assert fused_adamw(tiny_llama(32).to("meta"), Accelerator()) is None  # a device it lacks
+
+
+def test_freed_memory_is_reused_without_page_faults():
+    """Repeated fused-loss steps with two 50 MB logit buffers: with glibc's defaults each step
+    maps them afresh (~31k page faults a step, measured); kept, they fault in once."""
+    import resource
+    import sys
+
+    from potstill.losses.fused import fused_distill_loss
+    from potstill.utils import keep_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert keep_freed_memory()
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(256, 64, generator=g).requires_grad_()
+    w = torch.randn(49152, 64, generator=g).requires_grad_()
+    teacher_h, teacher_w = torch.randn(256, 64, generator=g), torch.randn(49152, 64, generator=g)
+    labels = torch.randint(0, 49152, (256,), generator=g)
+
+    def faults_of_a_step() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        w.grad = None
+        fused_distill_loss(
+            h, w, labels, teacher_hidden=teacher_h, teacher_weight=teacher_w, chunk_size=256
+        ).backward()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults = [faults_of_a_step() for _ in range(5)]
+    assert max(faults[2:]) < 3000, faults

@@ -5,21 +5,174 @@ needs full ``[tokens, vocab]`` logits at all; both start from the final hidden s
 still called through its own ``forward`` (so DDP/FSDP wrappers see the call) with
 an empty ``logits_to_keep`` index, which makes the LM head cost nothing. (``logits_to_keep=1``
 slices ``hidden[:, -1:]``, and a linear layer on that strided view copies the whole head.)
+
+Padding-free forward passes. A right-padded batch spends compute on its pads (the demo's chat
+batches are 18% padding), and a packed block's attention, given to transformers as one
+block-diagonal ``[S, S]`` mask, costs the whole square. So by default :func:`final_hidden` drops
+the padding: the real tokens of the batch run as one row ``(1, S)`` with their own positions, and
+attention runs document by document (causal SDPA on each slice, a sliding window where the layer
+has one), which is what the padded pass computes, up to float rounding. The hidden states are
+scattered back to ``(B, T, H)`` (zeros at pads). Measured on a 2-core CPU, fp32, SmolLM2-135M,
+batches of 4 chat rows up to 256 tokens: teacher forward 1.9-2.1 -> 1.4-1.5 s, 6-layer student
+forward+backward 1.25-1.29 -> 1.09-1.16 s. ``train.padding_free=false`` (or
+``with padding_free(False):``) runs the padded batch instead.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from potstill.data import model_inputs
 
+PADDING_FREE: ContextVar[bool] = ContextVar("potstill_padding_free", default=True)
+VARLEN = "potstill_varlen"  # the attention implementation of padding-free passes
+
+
+@contextmanager
+def padding_free(enabled: bool) -> Iterator[None]:
+    """Whether :func:`final_hidden` drops padding inside this block (default: it does)."""
+    token = PADDING_FREE.set(enabled)
+    try:
+        yield
+    finally:
+        PADDING_FREE.reset(token)
+
 
 def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Final (post-norm) hidden states ``(B, T, H)`` for a collated batch."""
+    """Final (post-norm) hidden states ``(B, T, H)`` for a collated batch (zeros at padding when
+    the pass is padding-free; see the module docstring)."""
     none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)  # no logits at all
-    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=none)
-    return out.hidden_states[-1]
+    layout = _documents(model, batch) if PADDING_FREE.get() else None
+    if layout is None:
+        out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=none)
+        return out.hidden_states[-1]
+    keep, positions, documents = layout
+    config = unwrap(model).config
+    implementation = config._attn_implementation
+    config._attn_implementation = VARLEN  # transformers reads it at every call
+    calls = _varlen_attention.calls
+    try:
+        out = model(
+            input_ids=batch["input_ids"][keep][None],  # (1, S): the real tokens, row after row
+            position_ids=positions[None],  # (1, S)
+            attention_mask=None,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=none,
+            potstill_documents=documents,  # handed down to _varlen_attention through **kwargs
+        )
+    finally:
+        config._attn_implementation = implementation
+    if _varlen_attention.calls == calls:  # its attention ignored the switch: documents would mix
+        raise RuntimeError(
+            f"{type(unwrap(model)).__name__} does not route attention through transformers' "
+            "AttentionInterface, so it cannot run padding-free; set train.padding_free=false"
+        )
+    packed = out.hidden_states[-1][0]  # (S, H)
+    hidden = packed.new_zeros(*keep.shape, packed.shape[-1])  # (B, T, H)
+    hidden[keep] = packed
+    return hidden
+
+
+def _documents(
+    model: nn.Module, batch: dict[str, Tensor]
+) -> tuple[Tensor, Tensor, tuple[tuple[int, int], ...]] | None:
+    """``(keep (B, T) bool, positions (S,), documents as (start, end) in the packed row)``, or
+    None where a padded pass is what runs: nothing to drop, or a model this path cannot serve."""
+    keep = batch["attention_mask"].bool()  # (B, T)
+    packed = "position_ids" in batch
+    if not packed and bool(keep.all()):
+        return None  # full rows, one document each: the padded pass is already padding-free
+    if not _supports_varlen(unwrap(model)):
+        return None
+    # (S,): packed rows restart at 0 at every document; right-padded rows count 0.. per row
+    positions = batch["position_ids"][keep] if packed else (keep.long().cumsum(1) - 1)[keep]
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]  # (S,)
+    # A document starts wherever the position does not step by one (transformers' own rule for
+    # packed rows, `find_packed_sequence_indices`) and at every row start.
+    start = torch.ones_like(positions, dtype=torch.bool)  # (S,)
+    start[1:] = (positions[1:] != positions[:-1] + 1) | (rows[1:] != rows[:-1])
+    bounds = [*start.nonzero().squeeze(1).tolist(), positions.numel()]  # one host sync
+    return keep, positions, tuple(itertools.pairwise(bounds))
+
+
+@functools.cache
+def _forward_takes_kwargs(cls: type) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values())
+
+
+def _supports_varlen(model: nn.Module) -> bool:
+    """Padding-free passes need the model to hand its extra keyword arguments down to attention
+    (transformers 5 decoders do) and attention SDPA can compute: not ``eager`` (chosen for what
+    SDPA lacks, e.g. Gemma 2's logit soft-capping or attention weights as outputs)."""
+    config = model.config
+    return (
+        config._attn_implementation != "eager"
+        and not getattr(config, "attn_logit_softcapping", None)
+        and _forward_takes_kwargs(type(model))
+    )
+
+
+def _varlen_attention(
+    module: nn.Module,
+    query: Tensor,  # (1, Hq, S, D)
+    key: Tensor,  # (1, Hkv, S, D)
+    value: Tensor,  # (1, Hkv, S, D)
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """Causal attention within each document of a packed row (see ``AttentionInterface``)."""
+    _varlen_attention.calls += 1
+    documents = kwargs.get("potstill_documents")
+    if documents is None or attention_mask is not None:
+        raise RuntimeError(f"{VARLEN} attention runs only inside lm.final_hidden")
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(
+                f"padding-free attention has no `{unsupported}`; set train.padding_free=false"
+            )
+    window = kwargs.get("sliding_window")  # a key at distance >= window is not seen
+    gqa = query.shape[1] != key.shape[1]
+    # split, not slicing: the backward of a split is one concatenation, while each slice's
+    # backward writes into a zero tensor of the whole row.
+    lengths = [b - a for a, b in documents]
+    outs = []
+    for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True):
+        n, mask = q.shape[2], None
+        if window is not None and n > window:
+            i = torch.arange(n, device=query.device)
+            mask = (i[:, None] >= i[None]) & (i[:, None] - i[None] < window)  # (n, n)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=dropout,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )  # (1, Hq, n, D)
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (1, S, Hq, D)
+
+
+_varlen_attention.calls = 0  # checked by final_hidden: the model really used it
+AttentionInterface.register(VARLEN, _varlen_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, lambda *args, **kwargs: None)  # per document
 
 
 def lm_head(model: nn.Module, vocab_size: int | None = None) -> tuple[Tensor, Tensor | None]:

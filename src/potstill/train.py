@@ -5,7 +5,7 @@ One optimizer step:
      sequences (``method.sequences``: on-policy sampling), count their valid tokens (all processes);
   2) for each: ``method.loss(...)`` normalised by that count, backward;
   3) refuse a non-finite loss or gradient (the last good checkpoint stays untouched);
-  4) clip, AdamW step, lr schedule step;
+  4) clip, AdamW step (fused where it can be), lr schedule step;
   5) log / evaluate / checkpoint on their intervals.
 Checkpoints hold safetensors weights, optimizer, scheduler, RNG states and the data position, and
 are swapped in atomically; a resumed run continues with the exact batch it would have seen next.
@@ -13,6 +13,7 @@ are swapped in atomically; a resumed run continues with the exact batch it would
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -32,9 +33,10 @@ from tqdm.auto import tqdm
 
 from potstill.data import Example, collate
 from potstill.evaluate import evaluate, token_byte_lengths
+from potstill.lm import padding_free
 from potstill.methods import Method
 from potstill.recipe import Recipe
-from potstill.utils import autocast_dtype, pad_token_id, precision_note
+from potstill.utils import autocast_dtype, keep_freed_memory, pad_token_id, precision_note
 
 
 class NonFiniteLoss(RuntimeError):
@@ -79,6 +81,23 @@ def plan_steps(recipe: Recipe, examples: list[Example], num_processes: int = 1) 
         mean_tokens = sum(len(e.input_ids) for e in examples) / max(1, len(examples))
         return max(1, math.ceil(t.max_tokens / (mean_tokens * per_step)))
     return max(1, math.ceil(t.epochs * len(examples) / per_step))
+
+
+def fused_adamw(model: nn.Module, accelerator: Accelerator) -> bool | None:
+    """PyTorch's fused AdamW (one kernel over all tensors; the same update) where it applies:
+    CPU or CUDA parameters, one process or DDP — FSDP and DeepSpeed shard or replace the
+    optimizer their own way, so they keep the default. A 49.6M-parameter student on a 2-core CPU:
+    0.22 s per step for the default, 0.18 s ``foreach``, 0.037 s fused."""
+    from accelerate.utils import DistributedType
+
+    plain = accelerator.distributed_type in (
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+        DistributedType.MULTI_GPU,
+    )
+    devices = {p.device.type for p in model.parameters() if p.requires_grad}
+    floats = all(p.is_floating_point() for p in model.parameters() if p.requires_grad)
+    return True if plain and floats and devices <= {"cpu", "cuda"} else None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -248,6 +267,18 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the loop
 
 
+def _padding_free_from_recipe(fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """Every forward pass of the run (``lm.final_hidden``) follows ``train.padding_free``."""
+
+    @functools.wraps(fn)
+    def run(recipe: Recipe, *args: Any, **kwargs: Any) -> TrainResult:
+        with padding_free(recipe.train.padding_free):
+            return fn(recipe, *args, **kwargs)
+
+    return run
+
+
+@_padding_free_from_recipe
 def train(
     recipe: Recipe,
     method: Method,
@@ -273,6 +304,8 @@ def train(
     # process may train several students (the demo does) at different precisions.
     accelerator = Accelerator()
     main = accelerator.is_main_process
+    if t.keep_freed_memory and accelerator.device.type == "cpu":
+        keep_freed_memory()
     set_seed(t.seed)
     if main:
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -286,7 +319,10 @@ def train(
         raise ValueError("the student has no trainable parameters (all have requires_grad=False)")
     total_steps = plan_steps(recipe, train_examples, accelerator.num_processes)
     optimizer = torch.optim.AdamW(
-        param_groups(student, t.weight_decay), lr=t.lr, betas=tuple(t.betas)
+        param_groups(student, t.weight_decay),
+        lr=t.lr,
+        betas=tuple(t.betas),
+        fused=fused_adamw(student, accelerator),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,6 +81,29 @@ def precision_note(precision: str, device_type: str | None = None) -> str:
         return f"precision: {runs}"
     why = "faster" if dtype is not None else "slower"
     return f"precision auto: {runs}; bf16 matmuls are {why} than fp32 on this {device_type}"
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel
+    (``M_MMAP_MAX=0``: big blocks come from the heap, not fresh ``mmap`` calls;
+    ``M_TRIM_THRESHOLD`` 2 GiB: the heap is not shrunk after every step). A CPU training step
+    frees and re-allocates hundreds of MB (logit chunks, the head's gradient, activations); with
+    the defaults every block over 32 MB is a fresh mapping whose pages fault in one by one (260 MB:
+    90 ms fresh, 15 ms reused). What CUDA's caching allocator does for GPU memory. Process-wide
+    and one-way; a no-op (False) off glibc. Token-level KD on the demo pair, 2-core CPU, fp32,
+    12 steps: 1.88M -> 0.54M page faults, system time 8.2 -> 4.2 s, 217 -> 233 tokens/s (mean of
+    three alternating runs each), peak RSS +4%."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def pad_token_id(tokenizer: Any) -> int:
