@@ -180,7 +180,8 @@ def lm_head(model: nn.Module, vocab_size: int | None = None) -> tuple[Tensor, Te
     (padded embedding rows are not real tokens)."""
     head = unwrap(model).get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    if vocab_size is not None:
+    if vocab_size is not None and vocab_size < weight.shape[0]:
+        # (a no-op slice still costs: its backward writes the gradient into a fresh (V, H) zeros)
         weight = weight[:vocab_size]
         bias = None if bias is None else bias[:vocab_size]
     return weight, bias
