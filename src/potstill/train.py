@@ -387,6 +387,11 @@ def train(
     log = MetricsLog(out, enabled=main, resume_step=state["step"])
     if main:
         print(precision_note(t.precision, accelerator.device.type))
+        print(
+            "forward passes: padding-free (real tokens only, attention per document)"
+            if t.padding_free
+            else "forward passes: padded batches (train.padding_free=false)"
+        )
         if hasattr(method, "describe"):
             print(method.describe())  # which loss path runs, among other things
     params = [p for p in student.parameters() if p.requires_grad]
