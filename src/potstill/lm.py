@@ -107,8 +107,15 @@ def _documents(
     return keep, positions, tuple(itertools.pairwise(bounds))
 
 
+def forward_takes_kwargs(model: nn.Module) -> bool:
+    """Whether the model's ``forward`` takes ``**kwargs``, which transformers 5 decoders hand
+    down to their attention functions (how padding-free passes and compiled decoding pass their
+    own arguments)."""
+    return _takes_kwargs(type(model))
+
+
 @functools.cache
-def _forward_takes_kwargs(cls: type) -> bool:
+def _takes_kwargs(cls: type) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values())
 
 
@@ -120,7 +127,7 @@ def _supports_varlen(model: nn.Module) -> bool:
     return (
         config._attn_implementation != "eager"
         and not getattr(config, "attn_logit_softcapping", None)
-        and _forward_takes_kwargs(type(model))
+        and forward_takes_kwargs(model)
     )
 
 

@@ -96,8 +96,7 @@ def fused_adamw(model: nn.Module, accelerator: Accelerator) -> bool | None:
         DistributedType.MULTI_GPU,
     )
     devices = {p.device.type for p in model.parameters() if p.requires_grad}
-    floats = all(p.is_floating_point() for p in model.parameters() if p.requires_grad)
-    return True if plain and floats and devices <= {"cpu", "cuda"} else None
+    return True if plain and devices <= {"cpu", "cuda"} else None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

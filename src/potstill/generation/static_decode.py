@@ -27,7 +27,6 @@ time on a machine and ~5-7 s once inductor's on-disk cache is warm.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface, Cache, StaticCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from potstill.lm import forward_takes_kwargs
 
 ATTENTION = "potstill_decode"  # the attention implementation the compiled step runs under
 BUCKET = 512  # static cache lengths are multiples of this: one shape for most prompts
@@ -154,9 +155,7 @@ class StaticDecoder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         # decode_length travels to the attention function through the model's **kwargs
-        self.passes_kwargs = any(
-            p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values()
-        )
+        self.passes_kwargs = forward_takes_kwargs(model)
         # dynamic=None: the first shape compiles as is; a second batch size or cache length
         # recompiles once with that dimension symbolic. (inductor's C++ wrapper, cpp_wrapper,
         # took 10-20% off a SmolLM2 step in two alternating comparisons on a 2-core CPU and
