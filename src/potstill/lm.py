@@ -58,11 +58,8 @@ def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=none)
         return out.hidden_states[-1]
     keep, positions, documents = layout
-    config = unwrap(model).config
-    implementation = config._attn_implementation
-    config._attn_implementation = VARLEN  # transformers reads it at every call
     calls = _varlen_attention.calls
-    try:
+    with attention_implementation(model, VARLEN):
         out = model(
             input_ids=batch["input_ids"][keep][None],  # (1, S): the real tokens, row after row
             position_ids=positions[None],  # (1, S)
@@ -72,8 +69,6 @@ def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
             logits_to_keep=none,
             potstill_documents=documents,  # handed down to _varlen_attention through **kwargs
         )
-    finally:
-        config._attn_implementation = implementation
     if _varlen_attention.calls == calls:  # its attention ignored the switch: documents would mix
         raise RuntimeError(
             f"{type(unwrap(model)).__name__} does not route attention through transformers' "
@@ -83,6 +78,20 @@ def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     hidden = packed.new_zeros(*keep.shape, packed.shape[-1])  # (B, T, H)
     hidden[keep] = packed
     return hidden
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Run the model's calls inside this block with attention implementation ``name`` (one
+    registered with transformers' ``AttentionInterface``); transformers reads the config's
+    setting at every call, so switching it around a call is how a call picks its attention."""
+    config = unwrap(model).config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def _documents(

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface, Cache, StaticCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from potstill.lm import forward_takes_kwargs
+from potstill.lm import attention_implementation, forward_takes_kwargs
 
 ATTENTION = "potstill_decode"  # the attention implementation the compiled step runs under
 BUCKET = 512  # static cache lengths are multiples of this: one shape for most prompts
@@ -253,10 +253,7 @@ class StaticRows:
         extra = {}
         if self.decoder.passes_kwargs:  # CPU tensor: read by decode_sdpa without a device sync
             extra["decode_length"] = torch.tensor(self.slot + 1)
-        model = self.decoder.model
-        implementation = model.config._attn_implementation
-        model.config._attn_implementation = ATTENTION
-        try:
+        with attention_implementation(self.decoder.model, ATTENTION):
             logits = self.decoder.step(
                 same_as_last=self.stepped,
                 input_ids=self.tokens,  # (B, 1)
@@ -267,8 +264,6 @@ class StaticRows:
                 use_cache=True,
                 **extra,  # transformers hands extra kwargs down to the attention function
             )  # (B, V)
-        finally:
-            model.config._attn_implementation = implementation
         self.next_position = self.next_position + 1
         self.slot = self.slot + 1
         self.stepped = True
