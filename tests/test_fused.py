@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from potstill.losses import DIVERGENCES, distillation_loss
-from potstill.losses.fused import auto_chunk_size, fused_distill_loss
+from potstill.losses.fused import (
+    DEFAULT_CHUNK_BUDGET_BYTES,
+    MIN_CHUNK_ROWS,
+    auto_chunk_size,
+    fused_distill_loss,
+)
 
 KINDS = sorted(DIVERGENCES)
 
@@ -183,11 +188,16 @@ def test_chunking_does_not_change_the_result():
         assert_parity(other, results[0], rtol=1e-5, atol=1e-7)
 
 
-def test_auto_chunk_size_respects_budget():
+def test_auto_chunk_size_respects_budget_and_floor():
     for v in (5, 49152, 151936, 262144):
-        n = auto_chunk_size(v)
-        assert n % 32 == 0 and 32 <= n <= 4096
-    assert auto_chunk_size(262144) < auto_chunk_size(49152)
+        for itemsize in (2, 4):
+            n = auto_chunk_size(v, itemsize)
+            assert n % 32 == 0 and MIN_CHUNK_ROWS <= n <= 4096
+            if n > MIN_CHUNK_ROWS:  # above the floor the budget holds
+                assert n * v * itemsize * 2 <= DEFAULT_CHUNK_BUDGET_BYTES
+    assert auto_chunk_size(49152) == 320  # fp32: 128 MiB / (49,152 x 4 B x 2 buffers)
+    assert auto_chunk_size(49152, 2) == 672  # bf16: twice the rows, rounded down to 32
+    assert auto_chunk_size(151936) == auto_chunk_size(262144) == MIN_CHUNK_ROWS
 
 
 def test_bad_teacher_arguments():

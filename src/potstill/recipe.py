@@ -105,7 +105,9 @@ class LossSpec:
     compile: bool = doc(
         "fused path: torch.compile the per-chunk softmax work (faster after a warm-up)", False
     )
-    chunk_size: int | None = doc("fused path: rows per chunk; unset = from a 128 MiB budget", None)
+    chunk_size: int | None = doc(
+        "fused path: rows per chunk; unset = from a 128 MiB budget, at least 256 rows", None
+    )
 
 
 @dataclass
