@@ -127,3 +127,30 @@ def test_bundled_smollm2_matches_the_padded_pass(smollm2_dir):
         free, padded = both_passes(model, batch)
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(free[keep], padded[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_a_sharded_head_is_refused_with_the_launch_that_works(tiny_llama, tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from potstill.recipe import RecipeError
+
+    model = tiny_llama(64)
+    weight, bias = lm.lm_head(model)  # whole: (V, H)
+    assert weight.shape == (64, model.config.hidden_size) and bias is None
+    head = model.get_output_embeddings()
+    # What ZeRO-3 (and FSDP1 with use_orig_params) leave between forwards: an empty placeholder.
+    head.weight = nn.Parameter(torch.empty(0))
+    with pytest.raises(RecipeError, match=r"sharded.*DDP"):
+        lm.lm_head(model)
+    # FSDP2: a DTensor (one process here, so the shard holds every row; still refused).
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        head.weight = nn.Parameter(distribute_tensor(weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(RecipeError, match="DTensor"):
+            lm.lm_head(model)
+    finally:
+        torch.distributed.destroy_process_group()

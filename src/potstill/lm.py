@@ -34,6 +34,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from potstill.data import model_inputs
+from potstill.recipe import RecipeError
 
 PADDING_FREE: ContextVar[bool] = ContextVar("potstill_padding_free", default=True)
 VARLEN = "potstill_varlen"  # the attention implementation of padding-free passes
@@ -196,11 +197,30 @@ def lm_head(model: nn.Module, vocab_size: int | None = None) -> tuple[Tensor, Te
     (padded embedding rows are not real tokens)."""
     head = unwrap(model).get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
+    if _sharded(weight):
+        raise RecipeError(
+            f"the LM head's weight is sharded across processes ({type(weight).__name__} of "
+            f"shape {tuple(weight.shape)}), as FSDP and DeepSpeed ZeRO-3 leave it outside the "
+            "model's forward; the distillation losses read the head there. Launch with DDP "
+            "(accelerate's MULTI_GPU), FSDP's NO_SHARD, or DeepSpeed ZeRO stage 1 or 2"
+        )
     if vocab_size is not None and vocab_size < weight.shape[0]:
         # (a no-op slice still costs: its backward writes the gradient into a fresh (V, H) zeros)
         weight = weight[:vocab_size]
         bias = None if bias is None else bias[:vocab_size]
     return weight, bias
+
+
+def _sharded(weight: Tensor) -> bool:
+    """Whether ``weight`` is a shard, not the whole matrix: a DTensor (FSDP2), or the empty
+    placeholder FSDP1 (``use_orig_params``) and ZeRO-3 leave between forwards."""
+    if weight.ndim != 2 or weight.numel() == 0:
+        return True
+    if not torch.distributed.is_available():  # builds without distributed have no DTensor
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
 
 
 def logit_softcap(model: nn.Module) -> float | None:
