@@ -193,7 +193,7 @@ def test_auto_chunk_size_respects_budget_and_floor():
         for itemsize in (2, 4):
             n = auto_chunk_size(v, itemsize)
             assert n % 32 == 0 and MIN_CHUNK_ROWS <= n <= 4096
-            if n > MIN_CHUNK_ROWS:  # above the floor the budget holds
+            if n > MIN_CHUNK_ROWS:  # above the minimum the budget holds
                 assert n * v * itemsize * 2 <= DEFAULT_CHUNK_BUDGET_BYTES
     assert auto_chunk_size(49152) == 320  # fp32: 128 MiB / (49,152 x 4 B x 2 buffers)
     assert auto_chunk_size(49152, 2) == 672  # bf16: twice the rows, rounded down to 32

@@ -39,7 +39,7 @@ def auto_chunk_size(
     """Rows per chunk so that a chunk's two ``[n, V]`` buffers of ``itemsize``-byte elements (the
     logits of both sides) fit ``budget_bytes``, but never fewer than MIN_CHUNK_ROWS.
 
-    A multiple of 32 in [MIN_CHUNK_ROWS, 4096]. The floor wins over the budget at large
+    A multiple of 32 in [MIN_CHUNK_ROWS, 4096]. The minimum wins over the budget at large
     vocabularies (fp32 over ~65k entries; 151,936 takes 311 MB): each chunk streams both heads
     and the ``(V, H)`` weight-gradient accumulator through memory whatever its row count, and the
     projections run below matmul speed at few rows (bf16 lose ~40% below ~512 rows on a 2-core CPU).
