@@ -163,9 +163,9 @@ def _weight_first_linear(layer: nn.Linear, x: Tensor) -> Tensor:
 
     A decode step multiplies a few rows by every weight matrix. MKL's fp32 GEMM is slow for that
     shape as ``x @ weight.T`` and ~3x faster as ``weight @ x.T`` (the same product, transposed;
-    still compute-bound at ~30 GFLOP/s on two AVX2 cores, not bandwidth-bound). Measured on a 2-core AVX2 CPU at 4 rows: SmolLM2's head
-    (49,152 x 576) 21.3 -> 7.5 ms, its 576 -> 1536 and 1536 -> 576 projections 1.4-1.7x faster;
-    at 32 rows the two are even. Results agree with ``F.linear`` up to fp32 round-off.
+    still compute-bound at ~30 GFLOP/s on two AVX2 cores, not bandwidth-bound). Measured on a
+    2-core AVX2 CPU at 4 rows: SmolLM2's head (49,152 x 576) 21.3 -> 7.5 ms, its 576 -> 1536 and
+    1536 -> 576 projections 1.4-1.7x faster; at 32 rows the two are even. Results agree with ``F.linear`` up to fp32 round-off.
     """
     rows = x.reshape(-1, x.shape[-1])  # (M, H)
     if rows.shape[0] > FEW_ROWS or rows.dtype != torch.float32:
