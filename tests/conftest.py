@@ -97,7 +97,7 @@ def smollm2_dir():
     The first run ever converts the GGUF (~20 s); later runs and other tests reuse the cache.
     """
     from potstill.bundled_models import resolve_bundled_model
-    from potstill.models import ModelLoadError
+    from potstill.errors import ModelLoadError
 
     try:
         return resolve_bundled_model("smollm2-135m-instruct")

@@ -10,7 +10,8 @@ import pytest
 from transformers import LlamaConfig
 
 from potstill.cli import main
-from potstill.recipe import RecipeError, load_recipe
+from potstill.errors import RecipeError
+from potstill.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 FORWARD = Path(__file__).parents[1] / "recipes" / "token_level_forward_kl.yaml"

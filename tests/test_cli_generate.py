@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from potstill.cli import build_parser, cmd_generate, cmd_serve, main
+from potstill.errors import RecipeError
 from potstill.methods import METHODS
-from potstill.recipe import RecipeError, load_recipe
+from potstill.recipe import load_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from potstill.compare import parse_students, report_markdown
-from potstill.recipe import RecipeError
+from potstill.errors import RecipeError
 
 
 def test_parse_students_names_and_checks_dirs(tmp_path):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from potstill.data import DataError, load_records, record_format, tokenize_records
+from potstill.data import load_records, record_format, tokenize_records
+from potstill.errors import DataError, GenerationError, RecipeError
 from potstill.generate import (
     THINK_INSTRUCTION,
     ledger_path,
@@ -19,8 +20,8 @@ from potstill.generate import (
     run_generate,
     teacher_prompt,
 )
-from potstill.generation.base import Completion, GenerationError
-from potstill.recipe import RecipeError, load_recipe
+from potstill.generation.base import Completion
+from potstill.recipe import load_recipe
 
 # ---------------------------------------------------------------------------------------------
 # a deterministic backend

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from potstill.generation.base import GenerationError, SamplingParams
+from potstill.errors import GenerationError
+from potstill.generation.base import SamplingParams
 from potstill.generation.hf import HFBackend, check_params, next_tokens, sample_seed
 
 PROMPTS = [

@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from potstill.generation.base import GenerationError, SamplingParams
+from potstill.errors import GenerationError
+from potstill.generation.base import SamplingParams
 from potstill.generation.openai_http import (
     OpenAIBackend,
     backoff_delay,

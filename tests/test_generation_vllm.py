@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from potstill.generation.base import GenerationError, SamplingParams
+from potstill.errors import GenerationError
+from potstill.generation.base import SamplingParams
 from potstill.generation.vllm_engine import VLLMBackend, vllm_sampling_kwargs
 
 CHAT = [{"role": "user", "content": "hi"}]

@@ -133,7 +133,7 @@ def test_a_sharded_head_is_refused_with_the_launch_that_works(tiny_llama, tmp_pa
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from potstill.recipe import RecipeError
+    from potstill.errors import RecipeError
 
     model = tiny_llama(64)
     weight, bias = lm.lm_head(model)  # whole: (V, H)

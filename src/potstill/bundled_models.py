@@ -25,7 +25,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from potstill.models import ModelLoadError, load_model, load_tokenizer
+from potstill.errors import ModelLoadError
 
 MARKER = "potstill-complete.json"
 MARKER_FORMAT = 1  # bump to rebuild every cache folder written by an older converter
@@ -105,9 +105,31 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 
 def _load_gguf(gguf_path: Path):
     """De-quantise a GGUF into a float32 model (quantizer dropped) and its tokenizer."""
-    model = load_model(str(gguf_path), dtype="float32")
-    tokenizer = load_tokenizer(str(gguf_path))
-    return model, tokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return drop_gguf_quantizer(model), tokenizer
+
+
+def drop_gguf_quantizer(model):
+    """Make a model loaded from a GGUF file a plain one, in place.
+
+    transformers de-quantises GGUF weights on load but leaves a GGUF quantizer attached and a
+    ``quantization_config`` in the config; a saved copy would then claim to be quantized, and
+    trainers refuse to fine-tune "quantized" models.
+    """
+    from transformers import PreTrainedModel
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and hasattr(module.config, "_is_quantized"):
+            del module.config._is_quantized
+    return model
 
 
 def _save_converted(model, tokenizer, out_dir: Path) -> None:

@@ -25,8 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _needs_generated_data(recipe, args.recipe)
     models = load_models(recipe)
     method = build_method(recipe, vocab_size=models.vocab_size)
-    if hasattr(method, "bind"):  # cross-tokenizer: both tokenizers
-        method.bind(models.tokenizer, models.teacher_tokenizer)
+    method.bind(models.tokenizer, models.teacher_tokenizer)
     data = load_data(recipe, models.tokenizer, method)
     print(f"method: {recipe.method}; output: {recipe.train.output_dir}")
     result = train(
@@ -55,7 +54,7 @@ def _waiting_for_generate(recipe) -> bool:
 
 
 def _needs_generated_data(recipe, path: str) -> None:
-    from potstill.recipe import RecipeError
+    from potstill.errors import RecipeError
 
     if _waiting_for_generate(recipe):
         raise RecipeError(

@@ -20,10 +20,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from potstill.errors import RecipeError
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
 from potstill.prepare import load_data
-from potstill.recipe import Recipe, RecipeError
+from potstill.recipe import Recipe
 from potstill.train import fixed_batches
 from potstill.utils import atomic_write, autocast_dtype, pad_token_id
 

@@ -1,11 +1,38 @@
-"""The errors a user can fix; the CLI prints them as one line instead of a traceback."""
+"""The errors a user can fix; the CLI prints them as one line instead of a traceback.
 
-from potstill.data import DataError
-from potstill.generation.base import GenerationError
-from potstill.models import ModelLoadError, TokenizerMismatchError
-from potstill.recipe import RecipeError
-from potstill.train import NonFiniteLoss
-from potstill.verify import VerifyError
+A leaf module: it imports nothing of potstill, so every layer can raise these without pulling in
+another. Each message names the key, file or command that fixes it.
+"""
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and what to do."""
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message says where it is and what to do."""
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be found, loaded or built as asked; the message says
+    what to do."""
+
+
+class TokenizerMismatchError(ValueError):
+    """Teacher and student tokenizers cannot share token-level logits."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN/inf; training stopped before the bad update was applied."""
+
+
+class GenerationError(RuntimeError):
+    """Generation failed in a way the user can act on; the message says what to do."""
+
+
+class VerifyError(ValueError):
+    """Verification cannot run as asked (unknown mode, missing package); the message says why."""
+
 
 USER_ERRORS = (
     RecipeError,

@@ -42,11 +42,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from potstill.data import DataError, load_records
-from potstill.generation.base import Backend, Completion, GenerationError, Prompt, SamplingParams
-from potstill.recipe import GenerateSpec, Recipe, RecipeError
+from potstill.data import load_records
+from potstill.errors import DataError, GenerationError, RecipeError, VerifyError
+from potstill.generation.base import Backend, Completion, Prompt, SamplingParams
+from potstill.recipe import GenerateSpec, Recipe
 from potstill.utils import atomic_write
-from potstill.verify import Verification, VerifyError, is_reasoning_gym_task, verify
+from potstill.verify import Verification, is_reasoning_gym_task, verify
 
 LEDGER_SUFFIX = ".ledger.jsonl"
 REPORT_SUFFIX = ".report.json"

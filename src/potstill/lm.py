@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from potstill.data import model_inputs
-from potstill.recipe import RecipeError
+from potstill.errors import RecipeError
 
 PADDING_FREE: ContextVar[bool] = ContextVar("potstill_padding_free", default=True)
 VARLEN = "potstill_varlen"  # the attention implementation of padding-free passes

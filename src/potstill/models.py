@@ -25,6 +25,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from potstill.bundled_models import drop_gguf_quantizer, resolve_bundled_model
+from potstill.errors import ModelLoadError, TokenizerMismatchError
+
 BUNDLED_PREFIX = "bundled:"
 SUGGESTION = (
     "use a local model directory, a .gguf file, or `bundled:smollm2-135m-instruct` (works offline)"
@@ -38,15 +41,6 @@ DTYPES: dict[str, torch.dtype | str] = {
 # Config fields that hold one entry per decoder layer; pruning must keep them in step.
 PER_LAYER_CONFIG_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers")
 LAYER_CONTAINER_NAMES = ("layers", "h", "blocks", "block")  # Llama/Qwen/Gemma, GPT-2, others
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer could not be found, loaded or built as asked; the message says
-    what to do."""
-
-
-class TokenizerMismatchError(ValueError):
-    """Teacher and student tokenizers cannot share token-level logits."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,8 +67,6 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     if not name or not name.strip():
         raise ModelLoadError(f"empty model name: {SUGGESTION}")
     if name.startswith(BUNDLED_PREFIX):
-        from potstill.bundled_models import resolve_bundled_model  # imports this module
-
         return str(resolve_bundled_model(name.removeprefix(BUNDLED_PREFIX))), None
     path = Path(name).expanduser()
     if path.is_dir():
@@ -106,22 +98,6 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
         raise
     except (OSError, ValueError) as err:  # Hub/network/file errors are OSErrors
         raise _load_error("tokenizer", name, err) from err
-
-
-def drop_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
-    """Make a model loaded from a GGUF file a plain one, in place.
-
-    transformers de-quantises GGUF weights on load but leaves a GGUF quantizer attached and a
-    ``quantization_config`` in the config; a saved copy would then claim to be quantized, and
-    trainers refuse to fine-tune "quantized" models.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and hasattr(module.config, "_is_quantized"):
-            del module.config._is_quantized
-    return model
 
 
 def load_model(

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
-from potstill.data import DataError, Example, TokenizeStats, load_records, tokenize_records
+from potstill.data import Example, TokenizeStats, load_records, tokenize_records
+from potstill.errors import DataError
+from potstill.methods.registry import MethodInfo, method_info
 from potstill.models import (
     check_vocab_compatible,
     count_parameters,
@@ -23,6 +26,9 @@ from potstill.models import (
     student_from_config,
 )
 from potstill.recipe import Recipe
+
+if TYPE_CHECKING:
+    from potstill.methods.base import Method
 
 
 @dataclass
@@ -54,7 +60,7 @@ def preflight(r: Recipe) -> dict[str, Any]:
     report["student_tokenizer"] = f"{source} ({len(student_tok):,} tokens)"
     if r.teacher.model and _method(r).needs_teacher:
         teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
-        if not getattr(_method(r), "shared_vocabulary", True):
+        if not _method(r).shared_vocabulary:
             from potstill.data.alignment import shared_vocab
 
             shared = len(shared_vocab(student_tok, teacher_tok)[0])
@@ -76,10 +82,8 @@ def preflight(r: Recipe) -> dict[str, Any]:
     return report
 
 
-def _method(r: Recipe):
-    from potstill.methods import METHODS
-
-    return METHODS[r.method]
+def _method(r: Recipe) -> MethodInfo:
+    return method_info(r.method)
 
 
 def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
@@ -100,14 +104,16 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
         full = load_model(source, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
         student = prune_layers(full, s.keep_layers)
         del full
-    else:
-        student = student_from_config(source, s.config_overrides)
+    else:  # a random init drawn from train.seed, whatever the global RNG holds
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(r.train.seed)
+            student = student_from_config(source, s.config_overrides)
     tokenizer = load_tokenizer(source, trust_remote_code=s.trust_remote_code)
     vocab_size = None
     teacher_tok = None
     if teacher is not None:
         teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
-    if teacher is not None and getattr(_method(r), "shared_vocabulary", True):
+    if teacher is not None and _method(r).shared_vocabulary:
         vocab_size = check_vocab_compatible(
             teacher_tok,
             tokenizer,
@@ -131,10 +137,10 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
     )
 
 
-def load_data(r: Recipe, tokenizer: Any, method: Any = None) -> Data:
+def load_data(r: Recipe, tokenizer: Any, method: Method | None = None) -> Data:
     """Read and tokenize the train and held-out sets; prints the truncation report.
 
-    A ``method`` with an ``example(record, max_length=)`` hook tokenizes records itself (e.g.
+    A ``method`` that ``encodes_records`` tokenizes records through its ``example`` hook (e.g.
     cross_tokenizer: both tokenizers and their alignment)."""
     d = r.data
     train_records = load_records(d.train, split=d.train_split, limit=d.max_train_records)
@@ -146,7 +152,7 @@ def load_data(r: Recipe, tokenizer: Any, method: Any = None) -> Data:
         eval_records, train_records = hold_out(
             train_records, d.max_eval_records or 200, seed=r.train.seed
         )
-    encode = getattr(method, "example", None)  # a method that reads records its own way
+    encode = method.example if method is not None and method.encodes_records else None
     slow = encode is not None  # e.g. two tokenizers and an alignment per record: show progress
     train, train_stats = tokenize_records(
         train_records,

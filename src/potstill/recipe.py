@@ -17,9 +17,8 @@ from typing import Any
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the key and what to do."""
+from potstill.errors import RecipeError
+from potstill.methods.registry import METHODS, method_info
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -308,13 +307,7 @@ class CrossTokenizerSpec:
     )
 
 
-METHODS_DOC = (
-    "token_level (logit KD from a live teacher) | sft (cross-entropy only, no teacher) | "
-    "sequence_level (cross-entropy on teacher completions written by `potstill generate`; "
-    "no teacher while training) | on_policy (GKD: the student samples, the teacher grades every "
-    "token; see the on_policy section) | cross_tokenizer (teacher and student with different "
-    "tokenizers; see the cross_tokenizer section)"
-)
+METHODS_DOC = " | ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
 
 
 @dataclass
@@ -486,14 +479,9 @@ def load_recipe(
 
 def validate(r: Recipe) -> None:
     """Cross-field checks that need no model or data."""
-    from potstill.losses import check_divergence_args
-    from potstill.methods import METHODS
+    from potstill.losses.divergences import check_divergence_args
 
-    if r.method not in METHODS:
-        close = difflib.get_close_matches(r.method, METHODS, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
-        raise RecipeError(f"`method: {r.method}` is unknown; choose one of {sorted(METHODS)}{hint}")
-    method = METHODS[r.method]
+    method = method_info(r.method)
     if method.needs_teacher and not r.teacher.model:
         raise RecipeError(f"method `{r.method}` needs `teacher.model`")
     if r.student.init not in ("pretrained", "prune", "config"):
@@ -520,7 +508,7 @@ def validate(r: Recipe) -> None:
         if value not in ("float32", "bfloat16", "float16", "auto"):
             raise RecipeError(f"`{key}` must be float32, bfloat16, float16 or auto, got {value!r}")
     if r.loss.kind is None:
-        r.loss.kind = getattr(method, "default_kind", "forward_kl")
+        r.loss.kind = method.default_kind
     try:
         check_divergence_args(
             r.loss.kind,
@@ -559,10 +547,10 @@ def validate(r: Recipe) -> None:
         )
     if c.top_k < 1:
         raise RecipeError(f"`cross_tokenizer.top_k` must be ≥ 1, got {c.top_k}")
-    if r.method == "cross_tokenizer" and r.data.packing:
+    if r.data.packing and not method.packing:
         raise RecipeError(
-            "method cross_tokenizer aligns each record's two tokenizations, so records cannot be "
-            "packed; set data.packing=false"
+            f"method {r.method} reads one record per row (see its page in docs/methods/), so "
+            "rows cannot be packed; set data.packing=false"
         )
 
 
@@ -585,11 +573,6 @@ def validate_on_policy(r: Recipe) -> None:
         raise RecipeError(
             "`on_policy.compile` compiles the hf engine's decode step; vLLM compiles its own: "
             "set on_policy.compile=false or on_policy.engine=hf"
-        )
-    if r.method == "on_policy" and r.data.packing:
-        raise RecipeError(
-            "method on_policy samples a completion per prompt, so rows cannot be packed; "
-            "set data.packing=false"
         )
 
 

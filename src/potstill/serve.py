@@ -37,7 +37,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from potstill.generation.base import Completion, GenerationError, Prompt, SamplingParams
+from potstill.errors import GenerationError
+from potstill.generation.base import Completion, Prompt, SamplingParams
 from potstill.generation.hf import MAX_LOGPROBS, HFBackend
 
 log = logging.getLogger("potstill.serve")

@@ -1,14 +1,19 @@
 """The one training loop. Every method drives it; it knows nothing about any method's maths.
 
-One optimizer step:
-  1) draw ``grad_accum`` micro-batches, let the method rewrite them when it makes its own
-     sequences (``method.sequences``: on-policy sampling), count their valid tokens (all processes);
-  2) for each: ``method.loss(...)`` normalised by that count, backward;
+One optimizer step (the hooks are :class:`potstill.methods.base.Method`'s, called on every method):
+  1) draw ``grad_accum`` micro-batches, let the method make its sequences (``method.sequences``:
+     on-policy sampling rewrites them, the default keeps them), count their supervised tokens
+     (``method.count_tokens``, all processes);
+  2) for each: ``method.loss(...)`` (sums) divided once by that count
+     (:func:`potstill.losses.normalise`), backward;
   3) refuse a non-finite loss or gradient (the last good checkpoint stays untouched);
   4) clip, AdamW step (fused where it can be), lr schedule step;
   5) log / evaluate / checkpoint on their intervals.
-Checkpoints hold safetensors weights, optimizer, scheduler, RNG states and the data position, and
-are swapped in atomically; a resumed run continues with the exact batch it would have seen next.
+Checkpoints hold safetensors weights (the student's and the method's trainable modules'),
+optimizer, scheduler, RNG states and the data position, and are swapped in atomically. An
+interrupt (Ctrl-C, SIGINT) between or inside a step saves the state of the start of the step it
+interrupted: the data position and RNG states the step began with, the weights it had not yet
+changed, so a resumed run trains exactly the batches an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -32,15 +39,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from potstill.data import Example, collate
+from potstill.errors import NonFiniteLoss
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.lm import padding_free
-from potstill.methods import Method
+from potstill.losses import normalise, step_normalizer
+from potstill.methods.base import Method
 from potstill.recipe import Recipe
 from potstill.utils import autocast_dtype, keep_freed_memory, pad_token_id, precision_note
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or gradient became NaN/inf; training stopped before the bad update was applied."""
 
 
 @dataclass
@@ -99,10 +104,11 @@ def fused_adamw(model: nn.Module, accelerator: Accelerator) -> bool | None:
     return True if plain and devices <= {"cpu", "cuda"} else None
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms and other 1-D tensors."""
+def param_groups(models: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups over the models' trainable parameters: no decay on biases, norms and other
+    1-D tensors."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in (p for m in models for p in m.parameters()):
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [
@@ -168,6 +174,24 @@ def batch_stream(
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a step may draw from (Accelerate checkpoints the same ones)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -316,9 +340,12 @@ def train(
 
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("the student has no trainable parameters (all have requires_grad=False)")
+    extras = list(method.trainable_modules().values())  # e.g. projectors, trained alongside
+    for module in extras:
+        module.to(accelerator.device).train()
     total_steps = plan_steps(recipe, train_examples, accelerator.num_processes)
     optimizer = torch.optim.AdamW(
-        param_groups(student, t.weight_decay),
+        param_groups([student, *extras], t.weight_decay),
         lr=t.lr,
         betas=tuple(t.betas),
         fused=fused_adamw(student, accelerator),
@@ -334,7 +361,9 @@ def train(
         ),
     )
     student.train()
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    student, *extras, optimizer, scheduler = accelerator.prepare(
+        student, *extras, optimizer, scheduler
+    )
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "position": {"epoch": 0, "batch": 0}}
     ckpt = find_checkpoint(out) if t.resume else None
@@ -363,7 +392,7 @@ def train(
         )
     amp_dtype = autocast_dtype(t.precision, accelerator.device.type)
 
-    shared_vocabulary = getattr(method, "shared_vocabulary", True)
+    shared_vocabulary = method.shared_vocabulary
     byte_table = token_byte_lengths(tokenizer)
 
     def run_eval() -> dict[str, float]:
@@ -375,12 +404,12 @@ def train(
             vocab_size=vocab_size,
             autocast_dtype=amp_dtype,
         )
-        if hasattr(method, "evaluate"):  # e.g. on-policy: reverse KL on the student's own samples
-            metrics.update(
-                method.evaluate(
-                    accelerator.unwrap_model(student), eval_teacher, eval_batches, tokenizer
-                )
+        # the method's own (e.g. on-policy: reverse KL on the student's own samples)
+        metrics.update(
+            method.evaluate(
+                accelerator.unwrap_model(student), eval_teacher, eval_batches, tokenizer
             )
+        )
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     log = MetricsLog(out, enabled=main, resume_step=state["step"])
@@ -391,39 +420,39 @@ def train(
             if t.padding_free
             else "forward passes: padded batches (train.padding_free=false)"
         )
-        if hasattr(method, "describe"):
-            print(method.describe())  # which loss path runs, among other things
-    params = [p for p in student.parameters() if p.requires_grad]
+        print(method.describe())  # which loss path runs, among other things
+    params = [p for m in (student, *extras) for p in m.parameters() if p.requires_grad]
     bar = tqdm(
         total=total_steps, initial=state["step"], desc=f"train {method.name}", disable=not main
     )
     run_tokens, run_time, last_eval = 0, 0.0, None
     window_time, window_sequence_time = 0.0, 0.0  # since the last log row
-    makes_sequences = hasattr(method, "sequences")
     in_update = False
+    # What the step under way began with (data position, RNG states): an interrupt inside it
+    # saves these, so the resumed run draws the step's batches again. None between steps.
+    step_start: tuple[dict, dict] | None = None
     try:
         while state["step"] < total_steps:
             t0 = time.perf_counter()
-            # 1) this step's micro-batches and its global count of valid tokens
+            step_start = (dict(state["position"]), rng_states())
+            # 1) this step's micro-batches and its global count of supervised tokens
             micro = [next(batches) for _ in range(t.grad_accum)]
-            if makes_sequences:
-                t_seq = time.perf_counter()
-                micro = [
-                    method.sequences(
-                        b,
-                        student=accelerator.unwrap_model(student),
-                        teacher=teacher,
-                        tokenizer=tokenizer,
-                        step=state["step"],
-                        index=i,
-                    )
-                    for i, b in enumerate(micro)
-                ]
-                window_sequence_time += time.perf_counter() - t_seq
-            valid = sum((b["labels"] != -100).sum() for b in micro)
-            normalizer = accelerator.reduce(valid.to(accelerator.device), reduction="sum").float()
-            # DDP averages gradients over processes; scale so the result is Σ / global count.
-            normalizer = normalizer / accelerator.num_processes
+            t_seq = time.perf_counter()
+            micro = [
+                method.sequences(
+                    b,
+                    student=accelerator.unwrap_model(student),
+                    teacher=teacher,
+                    tokenizer=tokenizer,
+                    step=state["step"],
+                    index=i,
+                )
+                for i, b in enumerate(micro)
+            ]
+            window_sequence_time += time.perf_counter() - t_seq
+            valid = sum(method.count_tokens(b) for b in micro)
+            global_valid = accelerator.reduce(valid.to(accelerator.device), reduction="sum")
+            normalizer = step_normalizer(global_valid, accelerator.num_processes)
             step_tokens = int(sum(b["attention_mask"].sum() for b in micro))
             # 2) forward / backward
             loss_total = torch.zeros((), device=accelerator.device)
@@ -432,7 +461,7 @@ def train(
                 with torch.autocast(
                     accelerator.device.type, dtype=amp_dtype, enabled=amp_dtype is not None
                 ):
-                    loss, terms = method.loss(student, teacher, b, normalizer)
+                    loss, terms = normalise(method.loss(student, teacher, b), normalizer)
                 accelerator.backward(loss)
                 loss_total += loss.detach()
                 for k, v in terms.items():
@@ -454,6 +483,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             in_update = False
             state["step"] += 1
+            step_start = None
             state["tokens"] += step_tokens * accelerator.num_processes
             run_tokens += step_tokens * accelerator.num_processes
             step_time = time.perf_counter() - t0
@@ -474,9 +504,8 @@ def train(
                     "tokens": state["tokens"],
                     "tokens_per_s": tokens_per_s,
                 }
-                if makes_sequences:  # the method's own sequence statistics since the last row
-                    row.update(method.pop_stats())
-                    row["sequence_time_share"] = window_sequence_time / max(window_time, 1e-9)
+                row.update(method.pop_stats())  # the method's own statistics since the last row
+                row["sequence_time_share"] = window_sequence_time / max(window_time, 1e-9)
                 window_time, window_sequence_time = 0.0, 0.0
                 log.log(row)
                 if on_log:
@@ -487,7 +516,10 @@ def train(
             if t.save_every and step % t.save_every == 0 and step < total_steps:
                 save_checkpoint(accelerator, out, state)
     except KeyboardInterrupt:
-        if not in_update:  # weights and optimizer are consistent between steps
+        if not in_update:  # weights and optimizer are consistent outside the update
+            if step_start is not None:  # inside a step: save the state it began with
+                state["position"], rng = step_start
+                set_rng_states(rng)
             save_checkpoint(accelerator, out, state)
             if main:
                 print(

@@ -28,12 +28,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from potstill.errors import VerifyError
+
 VERIFY_MODES = ("none", "auto", "answer_line", "number", "hash", "boxed", "reasoning_gym")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-class VerifyError(ValueError):
-    """Verification cannot run as asked (unknown mode, missing package); the message says why."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ batch = collate(examples[:8], pad_token_id=tokenizer.pad_token_id)
 """
 
 from potstill.data.bundled import BUNDLED, final_answer, load_bundled
-from potstill.data.records import DataError, load_records, record_format
+from potstill.data.records import load_records, record_format
 from potstill.data.tokenize import (
     Example,
     TokenizeStats,
@@ -20,6 +20,7 @@ from potstill.data.tokenize import (
     tokenize_record,
     tokenize_records,
 )
+from potstill.errors import DataError
 
 __all__ = [
     "BUNDLED",

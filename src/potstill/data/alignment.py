@@ -40,8 +40,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from potstill.data.records import DataError, record_format
+from potstill.data.records import record_format
 from potstill.data.tokenize import Example, _special_wrapping
+from potstill.errors import DataError
 
 NO = -1  # no span / no partner / no coordinate
 

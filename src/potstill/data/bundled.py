@@ -19,7 +19,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from potstill.data.records import EVAL_SPLITS, DataError
+from potstill.errors import DataError
+
+EVAL_SPLITS = ("eval", "validation", "valid", "val", "dev", "test")  # held-out split names
 
 BUNDLED = ("shakespeare", "rg/<task>")  # for error messages and docs
 

@@ -18,15 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from potstill.data.bundled import EVAL_SPLITS, load_bundled
+from potstill.errors import DataError
+
 RecordFormat = Literal["text", "prompt_completion", "messages"]
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Split names that mean "held-out data"; a request for one may be served by another.
-EVAL_SPLITS = ("eval", "validation", "valid", "val", "dev", "test")
-
-
-class DataError(ValueError):
-    """A data problem the user can fix; the message says where it is and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +126,6 @@ def load_records(
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of records, got {limit}")
     if source.startswith("bundled:"):
-        from potstill.data.bundled import load_bundled  # late: keeps reasoning-gym optional
-
         records = load_bundled(source.removeprefix("bundled:"), split=split, limit=limit)
         locate = _numbered(f"{source} record")
     else:

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from potstill.data.records import DataError, record_format
+from potstill.data.records import record_format
+from potstill.errors import DataError
 
 
 @dataclass

@@ -6,12 +6,7 @@
 a missing optional package only matters to the run that asks for it.
 """
 
-from potstill.generation.base import (
-    Backend,
-    Completion,
-    GenerationError,
-    Prompt,
-    SamplingParams,
-)
+from potstill.errors import GenerationError
+from potstill.generation.base import Backend, Completion, Prompt, SamplingParams
 
 __all__ = ["Backend", "Completion", "GenerationError", "Prompt", "SamplingParams"]

@@ -14,10 +14,6 @@ from typing import Protocol
 Prompt = str | list[dict]  # "Once upon a time" | [{"role": "user", "content": "..."}]
 
 
-class GenerationError(RuntimeError):
-    """Generation failed in a way the user can act on; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1  # completions per prompt

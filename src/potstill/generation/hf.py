@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from potstill.generation.base import Completion, GenerationError, Prompt, SamplingParams
+from potstill.errors import GenerationError
+from potstill.generation.base import Completion, Prompt, SamplingParams
 from potstill.generation.static_decode import StaticDecoder, StaticRows, prefill
 from potstill.utils import default_device_type
 

@@ -41,7 +41,8 @@ from typing import Any
 
 import httpx
 
-from potstill.generation.base import Completion, GenerationError, Prompt, SamplingParams
+from potstill.errors import GenerationError
+from potstill.generation.base import Completion, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 

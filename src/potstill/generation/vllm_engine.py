@@ -18,7 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from potstill.generation.base import Completion, GenerationError, Prompt, SamplingParams
+from potstill.errors import GenerationError
+from potstill.generation.base import Completion, Prompt, SamplingParams
 
 INSTALL_HINT = "pip install 'potstill[vllm]' (needs a CUDA GPU)"
 

@@ -7,7 +7,8 @@ Three layers (after Liger-Kernel's chunked losses):
      the naive reference path (which differentiates the terms by autograd instead);
   2. this engine: projection of a chunk of rows through each LM head, the chunk's loss *and its
      gradient* computed right away (one chain rule through log-softmax for every kind), the
-     gradient pushed through the student head (two matmuls), and one normalisation at the end;
+     gradient pushed through the student head (two matmuls); it returns sums over the valid rows
+     (:func:`fused_distill_sums`), which :func:`potstill.losses.objective.normalise` divides;
   3. thin callers (the ``token_level`` method) that gather hidden states and pass the heads.
 
 Work per chunk of ``n`` valid rows: four ``[n, V, H]`` matmuls (student and teacher projections,
@@ -25,6 +26,15 @@ import torch
 from torch import Tensor
 
 from potstill.losses.divergences import DIVERGENCES, check_divergence_args, pointwise_divergence
+from potstill.losses.objective import (
+    HARD,
+    SOFT,
+    LossSums,
+    mix,
+    normalise,
+    step_normalizer,
+    valid_mask,
+)
 
 DEFAULT_CHUNK_BUDGET_BYTES = 128 * 2**20  # per-chunk [n, V] work space; see auto_chunk_size
 # Fewer rows per chunk cost more time than the memory they save; see auto_chunk_size.
@@ -60,14 +70,14 @@ class _Objective:
     alpha: float
     soft_weight: float
     hard_weight: float
-    monitor: str | None = None  # a divergence at T=1 summed for logging only (no gradient)
 
-    def chunk(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor):
-        """A block of rows' summed loss and unweighted [soft, hard] sums; the student logits are
-        overwritten in place by their gradient. Every row is valid (masked rows never reach here).
+    def chunk(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+        """A block of rows' unweighted [soft, hard] sums; the student logits are overwritten in
+        place by the gradient of the weighted loss. Every row is valid (masked rows never reach
+        here).
 
         student_logits, teacher_logits: (n, V) any float dtype; labels: (n,)
-        -> (() fp32, (3,) fp32 [soft, hard, monitor]); student_logits now holds dL/dlogits
+        -> (2,) fp32 [soft, hard]; student_logits now holds dL/dlogits
 
         The divergence's value and pointwise score come from
         :data:`potstill.losses.divergences.DIVERGENCES`; the chain rule through log-softmax is the
@@ -79,7 +89,7 @@ class _Objective:
         z = student_logits.float()  # (n, V)
         log_q = _log_softmax(z, temperature)  # (n, V)
         zero = z.new_zeros(())
-        soft, hard, watched, grad = zero, zero, zero, None
+        soft, hard, grad = zero, zero, None
         if self.soft_weight:
             log_p = _log_softmax(teacher_logits.float(), temperature)  # (n, V)
             hp = dict(beta=self.beta, alpha=self.alpha)
@@ -95,20 +105,10 @@ class _Objective:
             one_hot = torch.arange(z.shape[1], device=z.device) == labels[:, None]  # (n, V)
             hard_grad = self.hard_weight * (log_q1.exp() - one_hot.float())
             grad = hard_grad if grad is None else grad + hard_grad
-        if self.monitor is not None:  # e.g. reverse KL on the student's own samples (GKD)
-            log_q1 = log_q if temperature == 1.0 else _log_softmax(z, 1.0)
-            log_p1 = (
-                log_p
-                if self.soft_weight and temperature == 1.0
-                else _log_softmax(teacher_logits.float(), 1.0)
-            )
-            hp = dict(beta=self.beta, alpha=self.alpha)
-            watched = pointwise_divergence(log_q1, log_p1, self.monitor, 1.0, **hp).sum()
         if grad is None:
             grad = torch.zeros_like(z)
-        total = self.soft_weight * soft + self.hard_weight * hard
         student_logits.copy_(grad)  # compiled, the gradient is stored straight into the buffer
-        return total, torch.stack([soft, hard, watched])
+        return torch.stack([soft, hard])
 
 
 def _log_softmax(x: Tensor, temperature: float) -> Tensor:
@@ -123,8 +123,8 @@ def _log_softmax(x: Tensor, temperature: float) -> Tensor:
 
 @functools.cache
 def _chunk_fn(objective: _Objective, compiled: bool):
-    """(student_logits, teacher_logits, labels) -> (chunk sum, [soft, hard] sums); the student
-    logits are replaced by dL/dlogits."""
+    """(student_logits, teacher_logits, labels) -> [soft, hard] sums; the student logits are
+    replaced by dL/dlogits."""
     if not compiled:
         return objective.chunk
     fn = torch.compile(objective.chunk, dynamic=True, fullgraph=True)
@@ -146,7 +146,8 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 class _FusedDistillation(torch.autograd.Function):
-    """Forward computes the loss and all student gradients; backward only rescales them."""
+    """Forward computes the summed loss and all student gradients (none when no input needs
+    one: a forward-only evaluation); backward only scales them by the upstream gradient."""
 
     @staticmethod
     def forward(
@@ -159,11 +160,11 @@ class _FusedDistillation(torch.autograd.Function):
         teacher_bias: Tensor | None,  # (V,)
         teacher_logits: Tensor | None,  # (N, V)
         labels: Tensor,  # (N,)
-        normalizer: Tensor,  # () float: valid tokens of the whole optimizer step
         objective: _Objective,
         ignore_index: int,
         chunk_size: int,
         compiled: bool,
+        want_grad: bool,  # False: the value only (no gradient matmuls, no accumulators)
     ) -> Tensor:
         device = student_hidden.device
         dtype = _compute_dtype(student_hidden)
@@ -189,11 +190,11 @@ class _FusedDistillation(torch.autograd.Function):
         )
         # Accumulate straight into the gradients' own dtype when the matmuls run in it; under
         # autocast (fp32 weights, bf16 matmuls) each chunk's product is added into fp32.
-        grad_hidden = torch.zeros_like(student_hidden)  # (N, H_s)
-        grad_weight = torch.zeros_like(student_weight)  # (V, H_s)
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device)  # (V,)
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        term_sums = torch.zeros(3, dtype=torch.float32, device=device)  # soft, hard, monitor
+        if want_grad:
+            grad_hidden = torch.zeros_like(student_hidden)  # (N, H_s)
+            grad_weight = torch.zeros_like(student_weight)  # (V, H_s)
+            grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device)  # (V,)
+        term_sums = torch.zeros(2, dtype=torch.float32, device=device)  # soft, hard
         step = _chunk_fn(objective, compiled)
         sub = _SUB_ROWS
         with torch.autocast(device.type, enabled=False):  # dtypes are explicit below
@@ -217,9 +218,9 @@ class _FusedDistillation(torch.autograd.Function):
                 # logits are replaced by dL/dlogits once read.
                 for i in range(0, n, sub):
                     j = min(i + sub, n)
-                    value, terms = step(s_logits[i:j], t_logits[i:j], y[i:j])
-                    total += value
-                    term_sums += terms
+                    term_sums += step(s_logits[i:j], t_logits[i:j], y[i:j])
+                if not want_grad:
+                    continue
                 g = s_logits  # (n, V) = dL/dlogits
                 grad_hidden[idx] = torch.mm(g, w_s).to(grad_hidden.dtype)  # (n, H_s) = dL/dh
                 if grad_weight.dtype == dtype:
@@ -229,17 +230,20 @@ class _FusedDistillation(torch.autograd.Function):
                 if student_bias is not None:
                     grad_bias += g.sum(0, dtype=torch.float32)
         del s_buf, t_buf
-        scale = 1.0 / normalizer.float().clamp_min(1)
-        grads = [grad_hidden, grad_weight, grad_bias if student_bias is not None else None]
-        ctx.grads = [None if g is None else g.mul_(scale.to(g.dtype)) for g in grads]  # in place
+        ctx.grads = (
+            [grad_hidden, grad_weight, grad_bias if student_bias is not None else None]
+            if want_grad
+            else [None, None, None]
+        )
         ctx.dtypes = (
             student_hidden.dtype,
             student_weight.dtype,
             None if student_bias is None else student_bias.dtype,
         )
-        term_sums = term_sums * scale
+        weights = {SOFT: objective.soft_weight, HARD: objective.hard_weight}
+        total = mix({SOFT: term_sums[0], HARD: term_sums[1]}, weights)
         ctx.mark_non_differentiable(term_sums)
-        return total * scale, term_sums
+        return total, term_sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -252,6 +256,74 @@ class _FusedDistillation(torch.autograd.Function):
             out.append(grad.mul_(grad_output).to(dtype) if needed and grad is not None else None)
         ctx.grads = None  # single use: free the buffers
         return (*out, *([None] * 10))
+
+
+def fused_distill_sums(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    labels: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    compile: bool = False,
+) -> LossSums:
+    """The fused loss as sums over the valid rows (what methods return to the training loop,
+    which divides once); see :func:`fused_distill_loss` for the arguments. ``terms`` holds the
+    unweighted ``soft`` / ``hard`` sums of the terms whose weight is non-zero. Under
+    ``torch.no_grad`` (or with no input needing a gradient) only the value is computed."""
+    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
+        raise ValueError(
+            "pass the teacher either as teacher_hidden + teacher_weight or as teacher_logits"
+        )
+    vocab = student_weight.shape[0]
+    teacher_vocab = (
+        teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
+    )
+    if teacher_vocab != vocab:
+        raise ValueError(
+            f"student head has {vocab} rows, teacher {teacher_vocab}; slice both to the shared vocabulary"
+        )
+    check_divergence_args(kind, temperature=temperature, beta=beta, alpha=alpha)
+    objective = _Objective(
+        kind, float(temperature), float(beta), float(alpha), float(soft_weight), float(hard_weight)
+    )
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731 - the teacher is a constant
+    loss, sums = _FusedDistillation.apply(
+        student_hidden,
+        student_weight,
+        student_bias,
+        detach(teacher_hidden),
+        detach(teacher_weight),
+        detach(teacher_bias),
+        detach(teacher_logits),
+        labels,
+        objective,
+        ignore_index,
+        chunk_size or auto_chunk_size(vocab, _compute_dtype(student_hidden).itemsize),
+        compile,
+        torch.is_grad_enabled()
+        and any(
+            t is not None and t.requires_grad
+            for t in (student_hidden, student_weight, student_bias)
+        ),
+    )
+    terms = {
+        name: sums[i]
+        for i, (name, weight) in enumerate(((SOFT, soft_weight), (HARD, hard_weight)))
+        if weight
+    }
+    return LossSums(loss, terms)
 
 
 def fused_distill_loss(
@@ -275,7 +347,6 @@ def fused_distill_loss(
     teacher_bias: Tensor | None = None,
     compile: bool = False,
     return_terms: bool = False,
-    monitor: str | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """``soft_weight · divergence + hard_weight · CE`` from hidden states, never holding ``[N, V]``.
 
@@ -288,71 +359,40 @@ def fused_distill_loss(
         teacher_logits: (N, V) ... or as precomputed logits, read a chunk at a time.
         kind, temperature, beta, alpha: as :func:`potstill.losses.divergence` (T² included).
         soft_weight, hard_weight: weights of the divergence and of cross-entropy on ``labels``.
-        normalizer: valid tokens of the whole optimizer step (default: this call's valid count).
+        normalizer: the divisor of the summed loss: valid tokens of the whole optimizer step when
+            a step spans several calls (default: this call's valid count, at least 1).
         chunk_size: rows per chunk; default :func:`auto_chunk_size` of the vocabulary.
         compile: ``torch.compile`` the per-chunk loss and gradient (fuses the softmax work).
         return_terms: also return the unweighted, equally normalised ``soft`` / ``hard`` terms.
-        monitor: a divergence kind also summed at T=1 (normalised like the terms, no gradient),
-            returned under its own name with ``return_terms``; costs one pass over each block.
 
     Returns:
         scalar fp32 loss whose backward reaches ``student_hidden``, ``student_weight`` and
         ``student_bias`` (and, with ``return_terms``, a dict of detached terms as
         :func:`potstill.losses.distillation_loss` gives). The teacher never receives gradients.
     """
-    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
-        raise ValueError(
-            "pass the teacher either as teacher_hidden + teacher_weight or as teacher_logits"
-        )
-    vocab = student_weight.shape[0]
-    teacher_vocab = (
-        teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
-    )
-    if teacher_vocab != vocab:
-        raise ValueError(
-            f"student head has {vocab} rows, teacher {teacher_vocab}; slice both to the shared vocabulary"
-        )
-    check_divergence_args(kind, temperature=temperature, beta=beta, alpha=alpha)
-    if monitor is not None:
-        check_divergence_args(monitor, temperature=1.0, beta=beta, alpha=alpha)
-    if normalizer is None:
-        normalizer = (labels != ignore_index).sum()
-    normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=student_hidden.device)
-    objective = _Objective(
-        kind,
-        float(temperature),
-        float(beta),
-        float(alpha),
-        float(soft_weight),
-        float(hard_weight),
-        monitor,
-    )
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731 - the teacher is a constant
-    loss, terms = _FusedDistillation.apply(
+    sums = fused_distill_sums(
         student_hidden,
         student_weight,
-        student_bias,
-        detach(teacher_hidden),
-        detach(teacher_weight),
-        detach(teacher_bias),
-        detach(teacher_logits),
         labels,
-        normalizer,
-        objective,
-        ignore_index,
-        chunk_size or auto_chunk_size(vocab, _compute_dtype(student_hidden).itemsize),
-        compile,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_logits=teacher_logits,
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        compile=compile,
     )
-    if not return_terms:
-        return loss
-    out = {
-        name: terms[i]
-        for i, (name, on) in enumerate((("soft", soft_weight), ("hard", hard_weight)))
-        if on
-    }
-    if monitor is not None:
-        out[monitor] = terms[2]
-    return loss, out
+    if normalizer is None:
+        normalizer = step_normalizer(valid_mask(labels, ignore_index).sum())
+    loss, terms = normalise(sums, normalizer)
+    return (loss, terms) if return_terms else loss
 
 
-__all__ = ["auto_chunk_size", "fused_distill_loss"]
+__all__ = ["auto_chunk_size", "fused_distill_loss", "fused_distill_sums"]

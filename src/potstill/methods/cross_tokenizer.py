@@ -19,13 +19,14 @@ Objective, by ``alignment``:
   at which token corresponds to which).
 
 ``loss = hard_weight · CE + soft_weight · (ULD | boundary KL) + span_weight · span term``, each
-summed over its rows and divided by the step's number of student target tokens.
+summed over its rows (the loop divides by the step's number of student target tokens). The CE
+term is logged as ``hard``, as in every method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +43,11 @@ from potstill.losses.cross_tokenizer import (
     span_divergence,
     uld_distance,
 )
-from potstill.methods import register
-from potstill.recipe import Recipe
+from potstill.losses.objective import HARD, LossSums, mix
+from potstill.methods.base import Method
+
+if TYPE_CHECKING:
+    from potstill.recipe import Recipe
 
 ALIGNMENTS = ("uld", "spans")
 
@@ -63,9 +67,8 @@ def _segment_sum(values: Tensor, segments: Tensor, count: int) -> Tensor:
     return values.new_zeros(count).index_add(0, segments, values)
 
 
-@register("cross_tokenizer")
 @dataclass
-class CrossTokenizer:
+class CrossTokenizer(Method, name="cross_tokenizer"):
     alignment: str = "spans"
     soft_weight: float = 1.0
     hard_weight: float = 1.0
@@ -75,8 +78,7 @@ class CrossTokenizer:
     uld_distance: str = "l1"
     chunk_size: int | None = None
     ignore_index: int = -100
-    needs_teacher = True
-    shared_vocabulary = False  # tokenizers differ: no token-by-token check, no teacher KL in eval
+    encodes_records = True  # each record is read by both tokenizers and aligned
     _bound: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -119,7 +121,7 @@ class CrossTokenizer:
             "teacher_bytes": torch.tensor(byte_lengths(teacher_tokenizer), dtype=torch.float64),
         }
 
-    def example(self, record: dict, *, max_length: int):
+    def example(self, record: dict, *, max_length: int):  # (Example, truncated)
         return cross_example(
             record,
             self._bound["student_tokenizer"],
@@ -134,8 +136,7 @@ class CrossTokenizer:
         student: nn.Module,
         teacher: nn.Module | None,
         batch: dict[str, Tensor],
-        normalizer: Tensor,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> LossSums:
         if not self._bound:
             raise RuntimeError("cross_tokenizer: call bind(student_tokenizer, teacher_tokenizer)")
         device = batch["input_ids"].device
@@ -219,11 +220,10 @@ class CrossTokenizer:
             (labels[mask], row_pair, *expanded),
             chunk_size=self.chunk_size,
         )
-        ce = -s_lp.sum()
-        soft_sum = soft.sum() * self.temperature**2
-        loss = self.hard_weight * ce + self.soft_weight * soft_sum
-        terms["ce"] = (ce / normalizer).detach()
-        terms["uld" if alignment == "uld" else "boundary_kl"] = (soft_sum / normalizer).detach()
+        soft_name = "uld" if alignment == "uld" else "boundary_kl"
+        terms[HARD] = -s_lp.sum()
+        terms[soft_name] = soft.sum() * self.temperature**2
+        weights = {HARD: self.hard_weight, soft_name: self.soft_weight}
         if alignment == "spans":
             span_s, span_t = batch["span_student"][:, :T_s], batch["span_teacher"][:, :T_t]
             n_spans = int(max(span_s.max(), span_t.max()).item()) + 1 if span_s.numel() else 0
@@ -234,10 +234,9 @@ class CrossTokenizer:
             s_span = _segment_sum(s_lp[in_s], seg_s[mask][in_s], count)  # (B·S,)
             t_span = _segment_sum(t_lp, seg_t[t_need], count)  # (B·S,)
             present = _segment_sum(torch.ones_like(t_lp), seg_t[t_need], count) > 0
-            span_sum = span_divergence(s_span[present], t_span[present]).sum()
-            loss = loss + self.span_weight * span_sum
-            terms["span_kl"] = (span_sum / normalizer).detach()
-        return loss / normalizer, terms
+            terms["span_kl"] = span_divergence(s_span[present], t_span[present]).sum()
+            weights["span_kl"] = self.span_weight
+        return LossSums(mix(terms, weights), {k: v.detach() for k, v in terms.items()})
 
     # ------------------------------------------------------------------------- evaluation
 

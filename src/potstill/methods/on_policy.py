@@ -11,7 +11,8 @@ for the batch's prompts (KV-cached, eval mode, ``on_policy.sampling_temperature`
 keep the data's completions, or, with ``on_policy.seq_kd``, get the teacher's own samples (written
 only for those batches). A row's prompt is every token before its first supervised one.
 Teacher signal: the live teacher's distributions on those sequences, as in ``token_level``.
-Objective: ``token_level``'s, fused and chunked, at ``loss.kd_temperature``; the default is
+Objective: ``token_level``'s (this method holds one :class:`TokenLevel` and asks it for the loss),
+fused and chunked, at ``loss.kd_temperature``; the default is
 reverse KL at T=1 (GKD's and MiniLLM's choice), every divergence is selectable. Only completion
 tokens are scored, up to and including each sample's first stop id (the tokenizer's and
 generation config's EOS ids plus ``on_policy.stop_token_ids``); prompt tokens are masked.
@@ -33,7 +34,7 @@ import copy
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,10 +43,14 @@ from potstill.data import batch_prompts, completion_batch, cut_at_stop
 from potstill.evaluate import own_sample_metrics
 from potstill.generation.base import SamplingParams
 from potstill.generation.hf import HFBackend
-from potstill.methods import register
+from potstill.lm import final_hidden
+from potstill.losses import LossSums
+from potstill.methods.base import Method
 from potstill.methods.token_level import TokenLevel
-from potstill.recipe import Recipe
 from potstill.utils import autocast_dtype, pad_token_id
+
+if TYPE_CHECKING:
+    from potstill.recipe import Recipe
 
 _EVAL_SEED = 0x5EED  # held-out samples are drawn alike at every evaluation
 
@@ -91,9 +96,9 @@ class Sampler:
         return [cut_at_stop(samples[0], self.stop_ids) for samples in out]
 
 
-@register("on_policy")
 @dataclass
-class OnPolicy(TokenLevel):
+class OnPolicy(Method, name="on_policy"):
+    kd: TokenLevel = field(default_factory=lambda: TokenLevel(kind="reverse_kl"))  # the objective
     lmbda: float = 1.0
     seq_kd: bool = False
     sampling_temperature: float = 1.0
@@ -107,7 +112,6 @@ class OnPolicy(TokenLevel):
     sample_dtype: torch.dtype | None = None  # bf16 twin under bf16 training; None: the model
     samplers: dict[str, Any] = field(default_factory=dict, repr=False)  # built on first use
     stats: dict[str, Any] = field(default_factory=dict, repr=False)  # since the last pop_stats
-    default_kind = "reverse_kl"  # GKD / MiniLLM (a class attribute, read by recipe validation)
 
     def describe(self) -> str:
         mix = f"λ={self.lmbda}" + (", seq_kd" if self.seq_kd else "")
@@ -116,17 +120,14 @@ class OnPolicy(TokenLevel):
             f"≤{self.max_new_tokens} new tokens, engine {self.engine}"
             + (", compiled decoding" if self.compile_decode and self.engine == "hf" else "")
             + "); "
-            + super().describe().removeprefix("token_level: ")
+            + self.kd.describe().removeprefix("token_level: ")
         )
 
     @classmethod
     def from_recipe(cls, r: Recipe, *, vocab_size: int | None) -> OnPolicy:
-        base = TokenLevel.from_recipe(r, vocab_size=vocab_size)
         o = r.on_policy
         return cls(
-            **{
-                k: getattr(base, k) for k in TokenLevel.__dataclass_fields__ if k != "fallback_said"
-            },
+            kd=TokenLevel.from_recipe(r, vocab_size=vocab_size),
             lmbda=o.lmbda,
             seq_kd=o.seq_kd,
             sampling_temperature=o.sampling_temperature,
@@ -192,7 +193,7 @@ class OnPolicy(TokenLevel):
             writer, model = "teacher", teacher
         else:
             return batch  # off-policy: the data's own completions
-        prompts = batch_prompts(batch, self.ignore_index)
+        prompts = batch_prompts(batch, self.kd.ignore_index)
         t0 = time.perf_counter()
         completions = self.sampler(writer, model, tokenizer).sample(
             prompts, self.params(step, index, writer)
@@ -212,26 +213,37 @@ class OnPolicy(TokenLevel):
     # --- objective ------------------------------------------------------------------------------
 
     def loss(
-        self,
-        student: nn.Module,
-        teacher: nn.Module | None,
-        batch: dict[str, Tensor],
-        normalizer: Tensor,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        own = bool(batch.get("sampled_by_student", False))
-        # On the student's own samples, also sum the reverse KL at T=1 for the log (free when it
-        # is the objective itself).
-        same = self.kind == "reverse_kl" and self.temperature == 1.0 and self.soft_weight
-        monitor = "reverse_kl" if own and not same else None
-        loss, terms = super().loss(student, teacher, batch, normalizer, monitor=monitor)
-        if own:
-            watched = terms.pop("reverse_kl") if monitor else terms["soft"]
+        self, student: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor]
+    ) -> LossSums:
+        kd = self.kd
+        labels = batch["labels"]  # (B, T)
+        mask = labels != kd.ignore_index  # (B, T)
+        student_h = final_hidden(student, batch)[mask]  # (N, H_s)
+        with torch.no_grad():
+            teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
+        sums = kd.objective(student, teacher, student_h, teacher_h, labels[mask])
+        if bool(batch.get("sampled_by_student", False)):
+            # The reverse KL at T=1 on the student's own samples, for the log: the soft term
+            # itself when that is the objective, else one forward-only pass (no gradient work).
+            if kd.kind == "reverse_kl" and kd.temperature == 1.0 and kd.soft_weight:
+                watched = sums.terms["soft"]
+            else:
+                with torch.no_grad():
+                    watched = kd.objective(
+                        student,
+                        teacher,
+                        student_h.detach(),
+                        teacher_h,
+                        labels[mask],
+                        kind="reverse_kl",
+                        temperature=1.0,
+                        soft_weight=1.0,
+                        hard_weight=0.0,
+                    ).terms["soft"]
             s = self.stats  # tensors, read once per log row (no host sync per micro-batch)
-            s["own_kl_sum"] = s.get("own_kl_sum", 0.0) + watched * normalizer
-            s["own_kl_tokens"] = (
-                s.get("own_kl_tokens", 0) + (batch["labels"] != self.ignore_index).sum()
-            )
-        return loss, terms
+            s["own_kl_sum"] = s.get("own_kl_sum", 0.0) + watched
+            s["own_kl_tokens"] = s.get("own_kl_tokens", 0) + mask.sum()
+        return sums
 
     def pop_stats(self) -> dict[str, float]:
         """Sequence statistics since the last call, for the training log."""
@@ -266,6 +278,6 @@ class OnPolicy(TokenLevel):
             batches,
             lambda prompts, i: sampler.sample(prompts, self.params("eval", i, _EVAL_SEED)),
             pad_token_id=pad_token_id(tokenizer),
-            vocab_size=self.vocab_size,
+            vocab_size=self.kd.vocab_size,
             autocast_dtype=self.sample_dtype,
         )

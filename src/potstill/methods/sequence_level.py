@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from potstill.methods import register
 from potstill.methods.sft import SFT
 
 
-@register("sequence_level")
 @dataclass
-class SequenceLevel(SFT):
+class SequenceLevel(SFT, name="sequence_level"):
     """SFT on teacher-written completions (see the module docstring)."""

@@ -7,41 +7,33 @@ sequence-level distillation (the teacher's text *is* the signal there).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from potstill.lm import final_hidden, head_logits
-from potstill.losses import distillation_loss
-from potstill.methods import register
-from potstill.recipe import Recipe
+from potstill.losses import LossSums, distillation_sums
+from potstill.methods.base import Method
+
+if TYPE_CHECKING:
+    from potstill.recipe import Recipe
 
 
-@register("sft")
 @dataclass
-class SFT:
+class SFT(Method, name="sft"):
     vocab_size: int | None = None
     ignore_index: int = -100
-    needs_teacher = False
 
     @classmethod
     def from_recipe(cls, r: Recipe, *, vocab_size: int | None) -> SFT:
         return cls(vocab_size=vocab_size)
 
     def loss(
-        self,
-        student: nn.Module,
-        teacher: nn.Module | None,
-        batch: dict[str, Tensor],
-        normalizer: Tensor,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+        self, student: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor]
+    ) -> LossSums:
         labels = batch["labels"]  # (B, T)
         mask = labels != self.ignore_index
         logits = head_logits(student, final_hidden(student, batch)[mask], self.vocab_size)  # (N, V)
-        return distillation_loss(
-            logits,
-            None,
-            labels[mask],
-            hard_weight=1.0,
-            ignore_index=self.ignore_index,
-            normalizer=normalizer,
+        return distillation_sums(
+            logits, None, labels[mask], hard_weight=1.0, ignore_index=self.ignore_index
         )

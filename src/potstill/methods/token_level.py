@@ -14,20 +14,21 @@ logits of the supervised positions — the reference, and a debug switch (``loss
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from potstill.lm import final_hidden, head_logits, lm_head, logit_softcap
-from potstill.losses import distillation_loss, divergence, normalise
-from potstill.losses.fused import fused_distill_loss
-from potstill.methods import register
-from potstill.recipe import Recipe
+from potstill.losses import LossSums, distillation_sums, fused_distill_sums
+from potstill.methods.base import Method
+
+if TYPE_CHECKING:
+    from potstill.recipe import Recipe
 
 
-@register("token_level")
 @dataclass
-class TokenLevel:
+class TokenLevel(Method, name="token_level"):
     kind: str = "forward_kl"
     temperature: float = 1.0
     beta: float = 0.5
@@ -40,7 +41,6 @@ class TokenLevel:
     chunk_size: int | None = None  # fused path: rows per chunk (None: from a memory budget)
     ignore_index: int = -100
     fallback_said: bool = field(default=False, repr=False)  # the naive-fallback note, once
-    needs_teacher = True
 
     def describe(self) -> str:
         how = (
@@ -67,20 +67,28 @@ class TokenLevel:
         )
 
     def loss(
-        self,
-        student: nn.Module,
-        teacher: nn.Module | None,
-        batch: dict[str, Tensor],
-        normalizer: Tensor,
-        *,
-        monitor: str | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``monitor``: a divergence kind also reported (at T=1, no gradient) among the terms."""
+        self, student: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor]
+    ) -> LossSums:
         labels = batch["labels"]  # (B, T), already shifted
         mask = labels != self.ignore_index  # (B, T)
         student_h = final_hidden(student, batch)[mask]  # (N, H_s): only supervised positions
         with torch.no_grad():
             teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
+        return self.objective(student, teacher, student_h, teacher_h, labels[mask])
+
+    def objective(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        student_h: Tensor,
+        teacher_h: Tensor,
+        labels: Tensor,
+        **override: float | str,
+    ) -> LossSums:
+        """The loss from both models' final hidden states at the supervised rows, summed.
+
+        student_h (N, H_s), teacher_h (N, H_t), labels (N,). ``override`` replaces settings for
+        one call (e.g. ``kind="reverse_kl", temperature=1.0`` for a forward-only monitor)."""
         hyper = dict(
             kind=self.kind,
             temperature=self.temperature,
@@ -89,8 +97,8 @@ class TokenLevel:
             soft_weight=self.soft_weight,
             hard_weight=self.hard_weight,
             ignore_index=self.ignore_index,
-            normalizer=normalizer,
         )
+        hyper.update(override)
         fused = self.path == "fused"
         if fused and (logit_softcap(student) or logit_softcap(teacher)):
             if not self.fallback_said:
@@ -102,27 +110,19 @@ class TokenLevel:
         if fused:
             s_weight, s_bias = lm_head(student, self.vocab_size)
             t_weight, t_bias = lm_head(teacher, self.vocab_size)
-            return fused_distill_loss(
+            return fused_distill_sums(
                 student_h,
                 s_weight,
-                labels[mask],
+                labels,
                 teacher_hidden=teacher_h,
                 teacher_weight=t_weight,
                 student_bias=s_bias,
                 teacher_bias=t_bias,
                 chunk_size=self.chunk_size,
                 compile=self.compile,
-                return_terms=True,
-                monitor=monitor,
                 **hyper,
             )
         with torch.no_grad():
             teacher_logits = head_logits(teacher, teacher_h, self.vocab_size)  # (N, V)
         student_logits = head_logits(student, student_h, self.vocab_size)  # (N, V)
-        loss, terms = distillation_loss(student_logits, teacher_logits, labels[mask], **hyper)
-        if monitor is not None:
-            watched = divergence(
-                student_logits.detach(), teacher_logits, monitor, beta=self.beta, alpha=self.alpha
-            )  # (N,)
-            terms[monitor] = normalise(watched, labels[mask] != self.ignore_index, normalizer)
-        return loss, terms
+        return distillation_sums(student_logits, teacher_logits, labels, **hyper)
