@@ -13,20 +13,17 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from potstill.bundled_models import drop_gguf_quantizer, resolve_bundled_model
 from potstill.errors import ModelLoadError, TokenizerMismatchError
+
+if TYPE_CHECKING:  # the model classes import Accelerate: loaded where a model is built
+    from transformers import PreTrainedModel
 
 BUNDLED_PREFIX = "bundled:"
 SUGGESTION = (
@@ -108,6 +105,8 @@ def load_model(
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path, gguf_file = resolve_model_path(name)
     try:
+        from transformers import AutoModelForCausalLM  # here: it imports Accelerate
+
         model = AutoModelForCausalLM.from_pretrained(
             path, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
@@ -213,7 +212,7 @@ def load_config(name: str, *, trust_remote_code: bool = False) -> PretrainedConf
 
 
 def _config_of(teacher_or_config: Any) -> PretrainedConfig:
-    if isinstance(teacher_or_config, PreTrainedModel):
+    if isinstance(teacher_or_config, nn.Module):
         return copy.deepcopy(teacher_or_config.config)
     if isinstance(teacher_or_config, PretrainedConfig):
         return copy.deepcopy(teacher_or_config)
@@ -271,6 +270,8 @@ def student_from_config(teacher_or_config: Any, overrides: dict[str, Any] | None
     Hub id). Seed torch first for a reproducible init.
     """
     config = _student_config(_config_of(teacher_or_config), dict(overrides or {}))
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_config(config)
 
 

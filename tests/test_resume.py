@@ -1,0 +1,184 @@
+"""Exact resume after real signals, and seeded runs: `potstill train` in a subprocess on a tiny
+model (CPU, fp32), interrupted with SIGINT in the middle of a step or killed with SIGKILL after
+its first checkpoint, then run again — its final weights must equal an uninterrupted run's bit for
+bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from potstill.prepare import load_models
+from potstill.recipe import load_recipe
+
+GRAD_ACCUM = 4
+STEPS = 6
+SAVE_EVERY = 2
+
+# The CLI behind a prelude that (1) restores Python's SIGINT handler — a process started in the
+# background of a non-interactive shell inherits SIGINT ignored, and then an interrupt test
+# would prove nothing — and (2) appends one line to a marker file per micro-batch loss call and
+# pauses at call PAUSE_AT, where the test sends its signal: a real signal, in a known place.
+PRELUDE = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from potstill.methods.sft import SFT
+marker, pause_at = os.environ["MARKER"], int(os.environ.get("PAUSE_AT", "0"))
+original, calls = SFT.loss, [0]
+def loss(self, *args, **kwargs):
+    calls[0] += 1
+    with open(marker, "a") as f:
+        f.write(f"{calls[0]}\\n")
+    if calls[0] == pause_at:
+        time.sleep(120)
+    return original(self, *args, **kwargs)
+SFT.loss = loss
+from potstill.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_chat_lm):
+    """(recipe path, overrides builder): an SFT recipe over a tiny saved Llama and 40 records."""
+    root = tmp_path_factory.mktemp("resume")
+    model, tokenizer = tiny_chat_lm
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    rows = [
+        {"prompt": f"{a}+{b}=", "completion": str(a + b)}
+        for a, b in ((rng.randrange(100), rng.randrange(100)) for _ in range(48))
+    ]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+    recipe = root / "sft.yaml"
+    recipe.write_text(
+        f"method: sft\nstudent: {{model: {root / 'model'}, init: pretrained}}\n"
+        f"data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}}}\n"
+        f"train: {{max_steps: {STEPS}, batch_size: 2, grad_accum: {GRAD_ACCUM}, lr: 0.01, "
+        f"warmup_steps: 2, save_every: {SAVE_EVERY}, log_every: 1, precision: fp32}}\n"
+    )
+    return recipe
+
+
+def start(recipe: Path, out: Path, pause_at: int = 0) -> tuple[subprocess.Popen, Path]:
+    marker = out.with_name(out.name + ".calls")
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, "MARKER": str(marker), "PAUSE_AT": str(pause_at)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PRELUDE, "train", str(recipe), f"train.output_dir={out}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return proc, marker
+
+
+def wait_for_call(proc: subprocess.Popen, marker: Path, call: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker.is_file() and len(marker.read_text().split()) >= call:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before loss call {call}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"loss call {call} did not come within {timeout} s")
+
+
+def finish(proc: subprocess.Popen, expect: int = 0) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == expect, out[-3000:]
+    return out
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    proc, _ = start(tiny_run, out)
+    finish(proc)
+    return final_weights(out)
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_sigint_in_the_middle_of_a_step_resumes_exactly(tiny_run, uninterrupted, tmp_path):
+    out = tmp_path / "interrupted"
+    step, micro = 3, 2  # the second micro-batch of step 3: step 3's first one is already summed
+    call = (step - 1) * GRAD_ACCUM + micro
+    proc, marker = start(tiny_run, out, pause_at=call)
+    wait_for_call(proc, marker, call)
+    proc.send_signal(signal.SIGINT)
+    log = finish(proc, expect=130)
+    assert "interrupted at step 2: checkpoint saved" in log
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    # the checkpoint is the state step 3 began with: 2 steps done, data at their boundary
+    assert state["step"] == 2 and state["position"] == {"epoch": 0, "batch": 2 * GRAD_ACCUM}
+    proc, _ = start(tiny_run, out)
+    assert "resuming from" in finish(proc)
+    assert_bit_identical(final_weights(out), uninterrupted)
+
+
+def test_sigkill_after_the_first_checkpoint_resumes_exactly(tiny_run, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    # any micro-batch after the first checkpoint (end of step SAVE_EVERY), up to the last step
+    seed = int.from_bytes(os.urandom(2), "little")
+    call = random.Random(seed).randrange(SAVE_EVERY * GRAD_ACCUM + 1, STEPS * GRAD_ACCUM + 1)
+    proc, marker = start(tiny_run, out, pause_at=call)
+    wait_for_call(proc, marker, call)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert saved >= SAVE_EVERY and saved % SAVE_EVERY == 0
+    assert not (out / "model").exists()
+    proc, _ = start(tiny_run, out)
+    assert f"at step {saved}/{STEPS}" in finish(proc), f"killed at loss call {call}"
+    assert_bit_identical(final_weights(out), uninterrupted)
+
+
+def test_a_random_init_follows_train_seed(tiny_chat_lm, tmp_path):
+    """student.init=config: two runs draw the same student whatever the global RNG holds, and
+    another train.seed draws another."""
+    model, tokenizer = tiny_chat_lm
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+
+    def student(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
+        recipe = load_recipe(
+            None,
+            [
+                "method=sft",
+                f"student.model={tmp_path / 'model'}",
+                "student.init=config",
+                "student.config_overrides.num_hidden_layers=1",
+                f"train.seed={seed}",
+            ],
+        )
+        torch.manual_seed(global_seed)
+        return load_models(recipe).student.state_dict()
+
+    first, second = student(7, global_seed=1), student(7, global_seed=2)
+    assert_bit_identical(first, second)
+    other = student(8, global_seed=1)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
