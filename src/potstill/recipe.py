@@ -88,11 +88,14 @@ class LossSpec:
     )
     kd_temperature: float = doc(
         "the loss's temperature: softens teacher and student alike, the soft loss is scaled by T² "
-        "(sampling has its own: on_policy.sampling_temperature, generate.temperature)",
+        "(TRL's is not: its recipes carry over unchanged only at T=1; sampling has its own "
+        "temperature: on_policy.sampling_temperature, generate.temperature)",
         1.0,
     )
     beta: float = doc(
-        "jsd only: teacher weight of the mixture (0 = forward KL, 1 = reverse KL)", 0.5
+        "jsd only: teacher weight of the mixture; 0 and 1 are defined as forward and reverse KL "
+        "(TRL's convention), which the formula does not approach: the loss jumps at both ends",
+        0.5,
     )
     skew_alpha: float = doc("skew_* only: DistiLLM skew coefficient α", 0.1)
     soft_weight: float = doc("weight of the divergence to the teacher", 1.0)

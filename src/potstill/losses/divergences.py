@@ -9,15 +9,17 @@ Notation: ``p`` is the teacher distribution, ``q`` the student's, both over the 
 * ``forward_kl``  = KL(p ‖ q)  — mean-seeking; classic Hinton KD.
 * ``reverse_kl``  = KL(q ‖ p)  — mode-seeking; MiniLLM / GKD's default.
 * ``jsd``         = generalized Jensen–Shannon with TRL's convention (GKD, Agarwal et al. 2024):
-  mixture m = (1−β)·q + β·p, loss = β·KL(p ‖ m) + (1−β)·KL(q ‖ m); the endpoints are defined as
-  β=0 → forward KL and β=1 → reverse KL (the interior formula itself tends to 0 there), so a
-  recipe moves between TRL and potstill unchanged.
+  mixture m = (1−β)·q + β·p, loss = β·KL(p ‖ m) + (1−β)·KL(q ‖ m). The endpoints are *defined*
+  as β=0 → forward KL and β=1 → reverse KL, while the interior formula tends to 0 there: the
+  loss is not continuous at β=0 and β=1 (a β sweep jumps at both ends).
 * ``skew_forward_kl`` = KL(p ‖ α·p + (1−α)·q) and ``skew_reverse_kl`` = KL(q ‖ (1−α)·p + α·q)
   (DistiLLM, Ko et al. 2024); α=0 gives plain forward / reverse KL.
 * ``tvd``         = ½·Σ|p − q|, total variation distance.
 
 Every value is multiplied by T² so that gradient magnitudes do not shrink as the temperature grows
-(Hinton et al. 2015, "Distilling the Knowledge in a Neural Network", §2).
+(Hinton et al. 2015, "Distilling the Knowledge in a Neural Network", §2). TRL's GKD / JSD loss
+does not multiply by T², so a TRL recipe carries over unchanged only at T=1; at T≠1 potstill's soft
+term is T² times TRL's.
 """
 
 from __future__ import annotations
