@@ -282,3 +282,86 @@ def test_freed_memory_is_reused_without_page_faults():
     # reuse them, less whatever a heap fragmented by earlier tests cannot place: measured 0 in a
     # fresh process, up to 11k in one step after other tests.
     assert sum(faults[1:]) < 2 * 27_000, faults
+
+
+def test_a_methods_trainable_modules_are_trained_checkpointed_and_resumed(tmp_path, setup):
+    """A module a method owns (here a projector before the student's head) is optimised with the
+    student, saved in the checkpoint and restored on resume: a run interrupted in step 3 and
+    resumed ends where an uninterrupted one does."""
+    from dataclasses import dataclass, field
+
+    from torch import nn
+
+    from potstill.lm import final_hidden, head_logits
+    from potstill.losses import distillation_sums
+    from potstill.methods.sft import SFT
+
+    @dataclass
+    class Projected(SFT):
+        proj: nn.Linear = field(default_factory=lambda: nn.Linear(32, 32))
+
+        def trainable_modules(self):
+            return {"proj": self.proj}
+
+        def loss(self, student, teacher, batch):
+            mask = batch["labels"] != self.ignore_index
+            h = self.proj(final_hidden(student, batch)[mask])  # (N, H)
+            logits = head_logits(student, h, self.vocab_size)  # (N, V)
+            return distillation_sums(logits, None, batch["labels"][mask], hard_weight=1.0)
+
+    def projected(_method):
+        torch.manual_seed(3)
+        return Projected(vocab_size=len(setup[0]))
+
+    methods = []
+
+    def keep(method, interrupt_at=0):
+        methods.append(projected(method))
+        original, calls = methods[-1].loss, [0]
+
+        def loss(*args):
+            calls[0] += 1
+            if calls[0] == interrupt_at:
+                raise KeyboardInterrupt  # what Ctrl-C raises, here inside step 3
+            return original(*args)
+
+        methods[-1].loss = loss
+        return methods[-1]
+
+    start = projected(None).proj.weight.detach().clone()
+    _, whole = run(tmp_path / "a", setup, "method=sft", "train.max_steps=4", method_patch=keep)
+    assert not torch.equal(methods[-1].proj.weight, start)  # the projector trained
+    assert (tmp_path / "a" / "checkpoint" / "model_1.safetensors").is_file()
+    with pytest.raises(KeyboardInterrupt):
+        run(
+            tmp_path / "b",
+            setup,
+            "method=sft",
+            "train.max_steps=4",
+            method_patch=lambda m: keep(m, 3),
+        )
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
+    _, resumed = run(tmp_path / "b", setup, "method=sft", "train.max_steps=4", method_patch=keep)
+    torch.testing.assert_close(methods[-1].proj.weight, methods[0].proj.weight, rtol=0, atol=0)
+    for k, v in weights(whole).items():
+        torch.testing.assert_close(weights(resumed)[k], v, rtol=0, atol=0)
+
+
+def test_a_resumed_run_with_a_longer_horizon_steps_at_its_own_schedule(
+    tmp_path, setup, monkeypatch
+):
+    """The optimizer's saved lr belongs to the first run's schedule; the resumed run's first step
+    takes the lr of its own (here cosine over 6 steps instead of 2)."""
+    used = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    common = ("method=sft", "train.warmup_steps=1", "train.min_lr_ratio=0.1")
+    run(tmp_path, setup, *common, "train.max_steps=2")
+    run(tmp_path, setup, *common, "train.max_steps=6")
+    expected = 1e-2 * lr_multiplier(2, total=6, warmup=1, schedule="cosine", min_ratio=0.1)
+    assert used[2] == pytest.approx(expected) and used[2] != pytest.approx(used[1])

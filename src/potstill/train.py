@@ -350,16 +350,14 @@ def train(
         betas=tuple(t.betas),
         fused=fused_adamw(student, accelerator),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_multiplier(
-            s,
-            total=total_steps,
-            warmup=t.warmup_steps,
-            schedule=t.schedule,
-            min_ratio=t.min_lr_ratio,
-        ),
+    schedule = functools.partial(
+        lr_multiplier,
+        total=total_steps,
+        warmup=t.warmup_steps,
+        schedule=t.schedule,
+        min_ratio=t.min_lr_ratio,
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     student.train()
     student, *extras, optimizer, scheduler = accelerator.prepare(
         student, *extras, optimizer, scheduler
@@ -370,6 +368,10 @@ def train(
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "state.json").read_text())
+        # The optimizer's saved lr is the old run's; a resumed run with another horizon
+        # (train.max_steps) takes its next step at this run's schedule.
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * schedule(state["step"])
         if main:
             print(f"resuming from {ckpt} at step {state['step']}/{total_steps}")
     pad_id = pad_token_id(tokenizer)
