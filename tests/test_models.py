@@ -102,7 +102,9 @@ def test_load_errors_name_the_model_and_the_fix(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", offline)
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
     monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", offline)
     for load in (load_model, load_tokenizer):
         with pytest.raises(ModelLoadError, match="org/model") as err:
