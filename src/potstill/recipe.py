@@ -108,7 +108,9 @@ class LossSpec:
         "fused path: torch.compile the per-chunk softmax work (faster after a warm-up)", False
     )
     chunk_size: int | None = doc(
-        "fused path: rows per chunk; unset = from a 128 MiB budget, at least 256 rows", None
+        "rows per chunk of the chunked losses; unset = from a 128 MiB budget (the fused path: at "
+        "least 256 rows; cross_tokenizer: at least 16)",
+        None,
     )
 
 

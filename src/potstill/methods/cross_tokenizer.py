@@ -2,7 +2,8 @@
 
 Sequences: the dataset, read by each model through its own tokenizer (and its own chat template):
 :func:`potstill.data.alignment.cross_example` stores the teacher's ids and the alignment next to
-the student's example. The student's cross-entropy on the data is always part of the objective.
+the student's example. The student's cross-entropy on the data is weighted by ``loss.hard_weight``
+(0 by default; the cross-tokenizer recipes set 1).
 Teacher signal: the live teacher's distributions on its own tokens, a chunk of rows at a time.
 Objective, by ``alignment``:
 

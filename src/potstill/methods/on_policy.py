@@ -22,9 +22,8 @@ generation config's EOS ids plus ``on_policy.stop_token_ids``); prompt tokens ar
 Which micro-batches are on-policy, and what is sampled, depends only on (train.seed, step, index),
 so a resumed run draws what an uninterrupted one would. Under bf16 autocast (``train.precision``
 bf16, or auto on bf16-capable hardware) the student samples from a bf16 twin of its weights,
-refreshed before every sampling: decoding a few rows reads every weight per token, and bf16 halves
-that traffic (measured 2.3× faster decoding on the 2-core reference CPU than the fp32 weights,
-2.5× faster than fp32 weights under autocast). In fp32 it samples from itself, its linear layers
+refreshed before every sampling (measured 2.3× faster decoding than the fp32 weights on the 2-core
+reference CPU with bf16 matrix units, 2.5× faster than fp32 weights under autocast). In fp32 it samples from itself, its linear layers
 multiplying weight-first (``potstill.generation.hf.weight_first_linears``).
 """
 
