@@ -14,69 +14,29 @@ Per-row objectives (rows are aligned position pairs, see :mod:`potstill.data.ali
   assigns that text, and the binary KL between Bernoulli(p_teacher) and Bernoulli(p_student)
   compares them.
 
-:func:`chunked_rows` projects hidden states through an LM head a chunk of rows at a time, so the
-teacher's ``[N, 262144]`` (or the student's) probabilities exist one chunk at a time only; the
-student's chunks are recomputed in backward (activation checkpointing) instead of being kept.
+:func:`potstill.losses.rows.chunked_rows` projects hidden states through an LM head a chunk of
+rows at a time, so the teacher's ``[N, 262144]`` (or the student's) probabilities exist one chunk
+at a time only; the student's chunks are recomputed in backward (activation checkpointing).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk
+from potstill.losses.rows import chunked_rows, head_logits_fp32, label_logprob, with_other
 
-
-def chunk_rows(vocab: int, chunk_size: int | None = None) -> int:
-    return chunk_size or max(16, CHUNK_BYTES // (4 * vocab))
-
-
-def head_logits_fp32(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None = None, softcap: float | None = None
-) -> Tensor:
-    """(c, H) @ (V, H)ᵀ -> (c, V) fp32 logits (matmul in the input dtype, softmax work in fp32)."""
-    logits = (hidden @ weight.T).float()
-    if bias is not None:
-        logits = logits + bias.float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
-
-
-def chunked_rows(
-    fn: Callable[..., tuple[Tensor, ...]],
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    row_args: tuple[Tensor, ...],
-    *,
-    chunk_size: int | None = None,
-) -> tuple[Tensor, ...]:
-    """Concatenate ``fn(hidden[i:j], weight, bias, *(a[i:j] for a in row_args))`` over row chunks.
-
-    ``fn`` returns per-row tensors. When gradients are on, each chunk is checkpointed: its
-    ``[c, V]`` logits are rebuilt in backward rather than kept, so at most one chunk lives.
-    """
-    rows = chunk_rows(weight.shape[0], chunk_size)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    outs: list[tuple[Tensor, ...]] = []
-    for i in range(0, max(hidden.shape[0], 1), rows):  # an empty input still runs fn once
-        args = (hidden[i : i + rows], weight, bias, *(a[i : i + rows] for a in row_args))
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
-    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
-
-
-# ----------------------------------------------------------------------------- per-row terms
-
-
-def label_logprob(logits: Tensor, labels: Tensor) -> Tensor:
-    """log p(label) per row; rows whose label is negative get 0. (c, V), (c,) -> (c,)"""
-    lp = logits.gather(1, labels.clamp(min=0)[:, None])[:, 0] - torch.logsumexp(logits, -1)
-    return torch.where(labels >= 0, lp, torch.zeros_like(lp))
+__all__ = [
+    "chunked_rows",
+    "coarse_teacher",
+    "head_logits_fp32",
+    "label_logprob",
+    "shared_vocab_kl",
+    "sorted_top_k",
+    "span_divergence",
+    "uld_distance",
+]
 
 
 def sorted_top_k(logits: Tensor, k: int, temperature: float = 1.0) -> Tensor:
@@ -104,19 +64,12 @@ def uld_distance(student_sorted: Tensor, teacher_sorted: Tensor, kind: str = "l1
     raise ValueError(f"ULD distance must be l1 or kl, got {kind!r}")
 
 
-def _with_other(logp: Tensor) -> Tensor:
-    """Append log(1 − Σ exp(logp)) as one more event: (c, K) -> (c, K+1)."""
-    mass = torch.logsumexp(logp, -1, keepdim=True).clamp(max=-1e-7)  # < 0: "other" has mass
-    other = torch.log(-torch.expm1(mass))
-    return torch.cat([logp, other], dim=-1)
-
-
 def coarse_teacher(logits: Tensor, shared_ids: Tensor, k: int, temperature: float = 1.0):
     """The teacher's top-``k`` shared entries: (positions in the shared list (c, k), log-probs of
     those k events plus "other" (c, k+1)). ``shared_ids``: (M,) teacher ids spelled by both."""
     logp = torch.log_softmax(logits / temperature, dim=-1)[:, shared_ids]  # (c, M)
     top, where = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (c, k)
-    return where, _with_other(top)
+    return where, with_other(top)
 
 
 def shared_vocab_kl(
@@ -133,7 +86,7 @@ def shared_vocab_kl(
     """
     logp = torch.log_softmax(student_logits / temperature, dim=-1)  # (c, V_s)
     events = logp.gather(1, shared_ids[teacher_where])  # (c, K)
-    s = _with_other(events)  # (c, K+1)
+    s = with_other(events)  # (c, K+1)
     return (teacher_logp.exp() * (teacher_logp - s)).sum(-1)
 
 

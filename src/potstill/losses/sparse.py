@@ -1,0 +1,101 @@
+"""Distillation from a sparse teacher: its top-k log-probabilities per position, no teacher model.
+
+A teacher cache (or a server) keeps, per supervised position, the ids and log-probabilities of the
+teacher's k most likely next tokens. The rest of the distribution is one "other" event of mass
+1 − Σ top-k. Every divergence is then computed *exactly* on that coarsening: the student's full
+distribution (log-softmax over its whole vocabulary, a chunk of rows at a time, never an ``[N, V]``
+tensor kept) is gathered at the teacher's k ids, and its remaining mass is the student's "other"
+event. Both sides are distributions over the same k + 1 events, so each divergence of
+:mod:`potstill.losses.divergences` applies unchanged, with its T² (the same coarsening as the
+cross-tokenizer boundary KL; DistillKit and Axolotl train on top-k teacher log-probabilities too).
+
+Temperature: the cached log-probabilities are the teacher's at the temperature they were captured
+at. Softening them to another temperature needs the tail's shape, which the cache does not keep,
+so the training temperature must equal the capture temperature (callers check it; see
+:mod:`potstill.teachers.cache`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from potstill.losses.divergences import check_divergence_args, pointwise_divergence
+from potstill.losses.objective import HARD, SOFT, LossSums, mix
+from potstill.losses.rows import chunked_rows, head_logits_fp32, label_logprob, with_other
+
+
+def coarse_student(logits: Tensor, teacher_ids: Tensor, temperature: float) -> Tensor:
+    """The student's log-probabilities of the teacher's k events plus "other".
+
+    logits (c, V) fp32, teacher_ids (c, k) -> (c, k+1)"""
+    log_q = torch.log_softmax(logits / temperature, dim=-1)  # (c, V)
+    return with_other(log_q.gather(1, teacher_ids))  # (c, k+1)
+
+
+def sparse_distill_sums(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    labels: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    student_bias: Tensor | None = None,
+    softcap: float | None = None,
+) -> LossSums:
+    """``soft_weight · divergence + hard_weight · CE`` against a top-k teacher, summed over rows.
+
+    Args:
+        student_hidden: (N, H) final hidden states of the student (gradients flow).
+        student_weight: (V, H) the student's LM head (gradients flow); ``student_bias`` (V,).
+        labels: (N,) next-token ids; rows equal to ``ignore_index`` carry no loss.
+        teacher_ids: (N, k) the teacher's top-k token ids per row (distinct within a row).
+        teacher_logprobs: (N, k) their log-probabilities at ``temperature`` (any float dtype;
+            the "other" event's mass 1 − Σ exp(·) is derived in fp32).
+        kind, temperature, beta, alpha: as :func:`potstill.losses.divergence` (T² included).
+        softcap: the student's final-logit soft-capping, if its config has one.
+
+    Returns:
+        :class:`potstill.losses.LossSums` with the unweighted ``soft`` / ``hard`` sums of the
+        terms whose weight is non-zero.
+    """
+    check_divergence_args(kind, temperature=temperature, beta=beta, alpha=alpha)
+    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
+            f"{tuple(teacher_logprobs.shape)} must both be (N, k) with N = {labels.shape[0]}"
+        )
+    keep = labels != ignore_index  # (N,)
+    hidden, y = student_hidden[keep], labels[keep]  # (n, H), (n,)
+    ids = teacher_ids[keep].long()  # (n, k)
+    teacher = with_other(teacher_logprobs[keep].float())  # (n, k+1)
+
+    def rows(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, ids: Tensor, log_p: Tensor):
+        logits = head_logits_fp32(h, w, b, softcap)  # (c, V), one chunk
+        soft = hard = logits.new_zeros(h.shape[0])
+        if soft_weight:
+            log_q = coarse_student(logits, ids, temperature)  # (c, k+1)
+            soft = pointwise_divergence(log_q, log_p, kind, temperature, beta, alpha).sum(-1)
+        if hard_weight:
+            hard = -label_logprob(logits, y)  # (c,) at T = 1
+        return soft, hard
+
+    soft, hard = chunked_rows(
+        rows, hidden, student_weight, student_bias, (y, ids, teacher), chunk_size=chunk_size
+    )
+    terms, weights = {}, {}
+    if soft_weight:
+        terms[SOFT], weights[SOFT] = soft.sum(), soft_weight
+    if hard_weight:
+        terms[HARD], weights[HARD] = hard.sum(), hard_weight
+    if not terms:
+        return LossSums(student_hidden.sum() * 0.0)
+    return LossSums(mix(terms, weights), {k: v.detach() for k, v in terms.items()})
