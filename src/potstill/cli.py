@@ -1,5 +1,5 @@
-"""potstill's command line: ``train``, ``check``, ``evaluate``, ``generate``, ``serve``, ``demo``
-and ``keys``."""
+"""potstill's command line: ``train``, ``check``, ``evaluate``, ``generate``, ``cache``,
+``serve``, ``demo`` and ``keys``."""
 
 from __future__ import annotations
 
@@ -70,6 +70,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     report = run_generate(recipe)
     print(report.table())
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from potstill.cache import run_cache
+    from potstill.recipe import load_recipe
+
+    manifest = run_cache(load_recipe(args.recipe, args.overrides))
+    splits = ", ".join(
+        f"{name} {entry['positions']:,} positions in {len(entry['shards'])} shards"
+        for name, entry in manifest["splits"].items()
+    )
+    print(
+        f"teacher cache {args.recipe}: top-{manifest['top_k']} {manifest['dtype']} of "
+        f"{manifest['teacher']['model']}; {splits}; "
+        f"{manifest['bytes_per_position']:.1f} bytes/position"
+    )
     return 0
 
 
@@ -145,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
               potstill check recipes/token_level_forward_kl.yaml
               potstill train recipes/token_level_forward_kl.yaml train.max_steps=2
               potstill generate recipes/sequence_level.yaml   # teacher completions, then train
+              potstill cache recipes/token_level_cached.yaml  # teacher top-k on disk, then train
               potstill serve bundled:smollm2-135m-instruct    # an OpenAI-compatible teacher
               potstill keys                                   # every recipe key with its meaning
             """
@@ -201,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(p)
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser(
+        "cache",
+        help="write the teacher's top-k log-probabilities on the recipe's data (resumable)",
+        description=(
+            "Run the teacher over the recipe's training and held-out data and write its top-k "
+            "log-probabilities at every supervised position to teacher.cache; train with "
+            "teacher.source=cache to load no teacher. Re-running the same command resumes."
+        ),
+    )
+    _add_recipe_args(p)
+    p.set_defaults(fn=cmd_cache)
     p = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",

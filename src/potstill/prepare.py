@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,18 @@ def preflight(r: Recipe) -> dict[str, Any]:
     source = _student_source(r)
     student_tok = load_tokenizer(source, trust_remote_code=r.student.trust_remote_code)
     report["student_tokenizer"] = f"{source} ({len(student_tok):,} tokens)"
+    if r.teacher.source == "cache":
+        manifest = _cache_manifest(r, student_tok)
+        report["teacher_cache"] = (
+            f"{r.teacher.cache}: top-{manifest['top_k']} {manifest['dtype']} log-probabilities of "
+            f"{manifest['teacher']['model']}, "
+            + ", ".join(
+                f"{split} {entry['positions']:,} positions"
+                for split, entry in manifest["splits"].items()
+            )
+            + f", {manifest['bytes_per_position']:.1f} bytes/position"
+        )
+        return report
     if r.teacher.model and _method(r).needs_teacher:
         teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
         if not _method(r).shared_vocabulary:
@@ -86,12 +99,34 @@ def _method(r: Recipe) -> MethodInfo:
     return method_info(r.method)
 
 
+def loads_teacher(r: Recipe) -> bool:
+    """Whether a run loads the teacher model: its method needs one, and the signal is live."""
+    return _method(r).needs_teacher and r.teacher.source == "live"
+
+
+def _cache_manifest(r: Recipe, tokenizer: Any) -> dict[str, Any]:
+    """The teacher cache's manifest, checked against the recipe (teacher.source: cache)."""
+    from potstill.teachers.cache import check_manifest, read_manifest
+
+    manifest = read_manifest(r.teacher.cache)
+    check_manifest(
+        manifest,
+        r.teacher.cache,
+        teacher_model=r.teacher.model,
+        tokenizer=tokenizer,
+        max_length=r.data.max_length,
+        packing=r.data.packing,
+        temperature=r.loss.kd_temperature,
+    )
+    return manifest
+
+
 def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
     """Teacher (unless the method needs none) and the initialised student, with preflight.
 
     ``teacher`` may be passed in to share one loaded teacher between runs (the demo does).
     """
-    needs_teacher = _method(r).needs_teacher
+    needs_teacher = loads_teacher(r)
     if teacher is None and r.teacher.model and needs_teacher:
         teacher = load_model(
             r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
@@ -113,6 +148,8 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
     teacher_tok = None
     if teacher is not None:
         teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
+    if r.teacher.source == "cache":  # the manifest vouches for the tokenizer; no teacher here
+        vocab_size = _cache_manifest(r, tokenizer)["vocab_size"]
     if teacher is not None and _method(r).shared_vocabulary:
         vocab_size = check_vocab_compatible(
             teacher_tok,
@@ -170,9 +207,24 @@ def load_data(r: Recipe, tokenizer: Any, method: Method | None = None) -> Data:
         progress=slow,
         encode=encode,
     )
+    if r.teacher.source == "cache":  # the cache's rows are found by example index
+        from potstill.teachers.cache import check_split, read_manifest
+
+        manifest = read_manifest(r.teacher.cache)
+        check_split(manifest, r.teacher.cache, "train", train)
+        check_split(manifest, r.teacher.cache, "eval", held)
+        train, held = with_example_index(train), with_example_index(held)
     print(f"train data ({d.train}): {train_stats.summary()}")
     print(f"eval data ({eval_source}): {eval_stats.summary()}")
     return Data(train=train, eval=held, train_stats=train_stats, eval_stats=eval_stats)
+
+
+def with_example_index(examples: list[Example]) -> list[Example]:
+    """The examples, each carrying its index (collated as ``batch["example_index"]`` (B, 1))."""
+    return [
+        dataclasses.replace(e, extra={**(e.extra or {}), "example_index": [i]})
+        for i, e in enumerate(examples)
+    ]
 
 
 def hold_out(records: list[dict], n: int, *, seed: int) -> tuple[list[dict], list[dict]]:

@@ -38,6 +38,34 @@ class TeacherSpec:
         "float32",
     )
     trust_remote_code: bool = doc("run model code from the Hub repo (only if you trust it)", False)
+    source: str = doc(
+        "where the teacher's signal comes from: live (the model, in this process) | cache (its "
+        "top-k log-probabilities from teacher.cache, written by `potstill cache`; no teacher "
+        "model is loaded; method token_level)",
+        "live",
+    )
+    cache: str | None = doc(
+        "the teacher cache folder: `potstill cache` writes it, teacher.source=cache reads it",
+        None,
+    )
+
+
+@dataclass
+class CacheSpec:
+    """``potstill cache``: the teacher's top-k log-probabilities on the recipe's data."""
+
+    top_k: int = doc(
+        "log-probabilities kept per position (the rest of the distribution is one 'other' "
+        "event); bytes per position: top_k × (2 for ids under 65,536 entries, else 4, + the dtype's)",
+        16,
+    )
+    dtype: str = doc("stored log-probability dtype: float16 | bfloat16 | float32", "float16")
+    shard_positions: int = doc(
+        "positions per shard (a shard closes at the first batch past it); a kill loses at most "
+        "one shard's work",
+        262_144,
+    )
+    batch_size: int = doc("sequences per teacher forward pass", 8)
 
 
 @dataclass
@@ -334,6 +362,10 @@ class Recipe:
     cross_tokenizer: CrossTokenizerSpec = doc(
         "alignment for method cross_tokenizer", default_factory=CrossTokenizerSpec
     )
+    cache: CacheSpec = doc(
+        "the teacher cache `potstill cache` writes (teacher.cache names its folder)",
+        default_factory=CacheSpec,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -489,6 +521,7 @@ def validate(r: Recipe) -> None:
     method = method_info(r.method)
     if method.needs_teacher and not r.teacher.model:
         raise RecipeError(f"method `{r.method}` needs `teacher.model`")
+    validate_teacher_source(r)
     if r.student.init not in ("pretrained", "prune", "config"):
         raise RecipeError(
             f"`student.init` must be pretrained, prune or config, got {r.student.init!r}"
@@ -557,6 +590,30 @@ def validate(r: Recipe) -> None:
             f"method {r.method} reads one record per row (see its page in docs/methods/), so "
             "rows cannot be packed; set data.packing=false"
         )
+
+
+def validate_teacher_source(r: Recipe) -> None:
+    t, c = r.teacher, r.cache
+    if t.source not in ("live", "cache"):
+        raise RecipeError(f"`teacher.source` must be live or cache, got {t.source!r}")
+    if c.top_k < 1 or c.shard_positions < 1 or c.batch_size < 1:
+        raise RecipeError(
+            "`cache.top_k`, `cache.shard_positions` and `cache.batch_size` must be ≥ 1"
+        )
+    if c.dtype not in ("float16", "bfloat16", "float32"):
+        raise RecipeError(f"`cache.dtype` must be float16, bfloat16 or float32, got {c.dtype!r}")
+    if t.source == "cache":
+        if not t.cache:
+            raise RecipeError(
+                "`teacher.source: cache` reads teacher.cache: set it to the folder "
+                "`potstill cache` wrote"
+            )
+        if r.method != "token_level":
+            raise RecipeError(
+                f"method {r.method} cannot train from a teacher cache (it scores sequences the "
+                "cache never saw, or needs the teacher's own tokens); use teacher.source=live, "
+                "or method token_level"
+            )
 
 
 def validate_on_policy(r: Recipe) -> None:

@@ -6,7 +6,12 @@ computed under ``no_grad`` from its final hidden states and LM head.
 Objective: ``soft_weight · divergence(student ‖ teacher) + hard_weight · cross-entropy``.
 Student and teacher must share a vocabulary (``potstill check`` verifies it).
 
-Two paths compute the same loss: ``fused`` (default) projects hidden states through both LM heads a
+Teacher signal from a cache instead (``teacher.source: cache``): the teacher's top-k
+log-probabilities, written by ``potstill cache``, are read for each batch by example index and no
+teacher model is loaded; the objective is the same divergence computed exactly on the top-k +
+"other" coarsening (:mod:`potstill.losses.sparse`).
+
+Two paths compute the same loss from a live teacher: ``fused`` (default) projects hidden states through both LM heads a
 chunk of rows at a time and never holds ``[tokens, vocab]`` logits; ``naive`` builds the full
 logits of the supervised positions — the reference, and a debug switch (``loss.path=naive``).
 """
@@ -21,7 +26,10 @@ from torch import Tensor, nn
 
 from potstill.lm import final_hidden, head_logits, lm_head, logit_softcap
 from potstill.losses import LossSums, distillation_sums, fused_distill_sums
+from potstill.losses.rows import chunked_rows, head_logits_fp32
+from potstill.losses.sparse import sparse_distill_sums
 from potstill.methods.base import Method
+from potstill.teachers.cache import CacheReader
 
 if TYPE_CHECKING:
     from potstill.recipe import Recipe
@@ -40,15 +48,34 @@ class TokenLevel(Method, name="token_level"):
     compile: bool = False  # fused path: torch.compile the per-chunk softmax work
     chunk_size: int | None = None  # fused path: rows per chunk (None: from a memory budget)
     ignore_index: int = -100
+    cache: str | None = None  # teacher.source=cache: the folder; None: a live teacher
     fallback_said: bool = field(default=False, repr=False)  # the naive-fallback note, once
+    readers: dict[str, CacheReader] = field(default_factory=dict, repr=False)  # by split
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.cache is None
 
     def describe(self) -> str:
-        how = (
-            f"fused chunked loss ({'compiled' if self.compile else 'eager'})"
-            if self.path == "fused"
-            else "naive"
-        )
+        if self.cache is not None:
+            how = f"sparse (top-k teacher cache {self.cache}, no teacher loaded)"
+        elif self.path == "fused":
+            how = f"fused chunked loss ({'compiled' if self.compile else 'eager'})"
+        else:
+            how = "naive"
         return f"token_level: {self.kind}, T={self.temperature}, loss path {how}"
+
+    def reader(self, split: str) -> CacheReader:
+        if split not in self.readers:
+            self.readers[split] = CacheReader(self.cache, split)
+        return self.readers[split]
+
+    def cached_rows(self, batch: dict[str, Tensor], mask: Tensor, split: str):
+        """The cache's ``(ids (N, k), log-probs (N, k))`` for the batch's supervised rows."""
+        ids, logprobs = self.reader(split).rows(
+            batch["example_index"][:, 0].tolist(), mask.sum(1).tolist()
+        )
+        return ids.to(mask.device), logprobs.to(mask.device)
 
     @classmethod
     def from_recipe(cls, r: Recipe, *, vocab_size: int | None) -> TokenLevel:
@@ -64,6 +91,7 @@ class TokenLevel(Method, name="token_level"):
             path=loss.path,
             compile=loss.compile,
             chunk_size=loss.chunk_size,
+            cache=r.teacher.cache if r.teacher.source == "cache" else None,
         )
 
     def loss(
@@ -72,6 +100,26 @@ class TokenLevel(Method, name="token_level"):
         labels = batch["labels"]  # (B, T), already shifted
         mask = labels != self.ignore_index  # (B, T)
         student_h = final_hidden(student, batch)[mask]  # (N, H_s): only supervised positions
+        if self.cache is not None:
+            ids, logprobs = self.cached_rows(batch, mask, "train")  # (N, k), (N, k)
+            weight, bias = lm_head(student, self.vocab_size)
+            return sparse_distill_sums(
+                student_h,
+                weight,
+                labels[mask],
+                ids,
+                logprobs,
+                kind=self.kind,
+                temperature=self.temperature,
+                beta=self.beta,
+                alpha=self.alpha,
+                soft_weight=self.soft_weight,
+                hard_weight=self.hard_weight,
+                ignore_index=self.ignore_index,
+                chunk_size=self.chunk_size,
+                student_bias=bias,
+                softcap=logit_softcap(student),
+            )
         with torch.no_grad():
             teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
         return self.objective(student, teacher, student_h, teacher_h, labels[mask])
@@ -126,3 +174,38 @@ class TokenLevel(Method, name="token_level"):
             teacher_logits = head_logits(teacher, teacher_h, self.vocab_size)  # (N, V)
         student_logits = head_logits(student, student_h, self.vocab_size)  # (N, V)
         return distillation_sums(student_logits, teacher_logits, labels, **hyper)
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        batches: list[dict[str, Tensor]],
+        tokenizer,
+    ) -> dict[str, float]:
+        """With a teacher cache (no teacher to run): held-out forward KL to the teacher on the
+        cache's top-k + "other" coarsening, and agreement with the teacher's top-1 token."""
+        if self.cache is None:
+            return {}
+        kl, agree, rows = 0.0, 0.0, 0
+        for batch in batches:
+            mask = batch["labels"] != self.ignore_index  # (B, T)
+            ids, logprobs = self.cached_rows(batch, mask, "eval")  # (N, k)
+            hidden = final_hidden(student, batch)[mask]  # (N, H)
+            weight, bias = lm_head(student, self.vocab_size)
+            sums = sparse_distill_sums(
+                hidden, weight, batch["labels"][mask], ids, logprobs,
+                temperature=self.temperature, chunk_size=self.chunk_size, student_bias=bias,
+                softcap=logit_softcap(student),
+            )  # fmt: skip
+            (top1,) = chunked_rows(
+                lambda h, w, b: (head_logits_fp32(h, w, b).argmax(-1),),
+                hidden, weight, bias, (), chunk_size=self.chunk_size,
+            )  # fmt: skip
+            kl += float(sums.terms["soft"])
+            agree += float((top1 == ids[:, 0]).sum())
+            rows += int(mask.sum())
+        return {
+            "teacher_kl_topk": kl / max(rows, 1),
+            "top1_agreement_topk": agree / max(rows, 1),
+        }

@@ -1,0 +1,157 @@
+"""``potstill cache RECIPE``: run the teacher once over the recipe's training and held-out data
+and write its top-k log-probabilities to ``teacher.cache`` (format:
+:mod:`potstill.teachers.cache`). Training with ``teacher.source=cache`` then loads no teacher.
+
+Resumable: re-running the same command after a kill keeps the shards the ledger vouches for and
+writes the rest; the finished cache equals an uninterrupted run's byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from potstill.errors import RecipeError
+from potstill.models import check_vocab_compatible, load_model, load_tokenizer
+from potstill.prepare import load_data
+from potstill.recipe import Recipe
+from potstill.teachers.cache import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    examples_fingerprint,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
+from potstill.teachers.writer import CaptureSettings, write_manifest, write_split
+from potstill.utils import default_device_type, pad_token_id
+
+SETTINGS = "settings.json"  # what a partial cache was started with
+
+
+def run_cache(r: Recipe) -> dict[str, Any]:
+    """Write (or finish) the cache; returns its manifest."""
+    if not r.teacher.model:
+        raise RecipeError("`potstill cache` runs the teacher: set teacher.model")
+    if not r.teacher.cache:
+        raise RecipeError("`potstill cache` writes to teacher.cache: set it to a folder")
+    out = Path(r.teacher.cache)
+    live = dataclasses.replace(r, teacher=dataclasses.replace(r.teacher, source="live"))
+    settings = CaptureSettings(
+        top_k=r.cache.top_k,
+        dtype=r.cache.dtype,
+        temperature=r.loss.kd_temperature,
+        shard_positions=r.cache.shard_positions,
+        batch_size=r.cache.batch_size,
+        chunk_size=r.loss.chunk_size,
+    )
+    source = r.student.model or r.teacher.model  # the tokenizer training reads the data with
+    tokenizer = load_tokenizer(source, trust_remote_code=r.student.trust_remote_code)
+    data = load_data(live, tokenizer)
+    started = {
+        "teacher": r.teacher.model,
+        "settings": dataclasses.asdict(settings),
+        "train": examples_fingerprint(data.train),
+        "eval": examples_fingerprint(data.eval),
+    }
+    _claim(out, started)
+    if (out / MANIFEST).is_file():
+        print(f"teacher cache at {out} is complete")
+        return json.loads((out / MANIFEST).read_text())
+
+    teacher = load_model(
+        r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
+    )
+    teacher.requires_grad_(False).eval()
+    device = torch.device(default_device_type())
+    teacher.to(device)
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    teacher_tokenizer = load_tokenizer(
+        r.teacher.model, trust_remote_code=r.teacher.trust_remote_code
+    )
+    vocab_size = check_vocab_compatible(
+        teacher_tokenizer, tokenizer, teacher_vocab_rows=rows, student_vocab_rows=rows
+    )
+    splits: dict[str, Any] = {}
+    bytes_per_position = settings.top_k * (
+        (2 if vocab_size <= 1 << 16 else 4) + torch.finfo(getattr(torch, settings.dtype)).bits // 8
+    )  # ids + log-probabilities, before the shards' small headers and offsets
+    total = sum(sum(e.target_mask[1:]) for e in (*data.train, *data.eval))
+    with tqdm(total=total, unit="tok", desc=f"cache {out.name}", smoothing=0.1) as bar:
+        for split, examples in (("train", data.train), ("eval", data.eval)):
+
+            def on_batch(_examples: int, positions: int, split: str = split) -> None:
+                bar.update(positions)
+                bar.set_postfix(split=split, bytes_per_token=bytes_per_position)
+
+            shards = write_split(
+                teacher,
+                examples,
+                out,
+                split,
+                pad_token_id=pad_token_id(tokenizer),
+                vocab_size=vocab_size,
+                settings=settings,
+                device=device,
+                on_batch=on_batch,
+            )
+            splits[split] = {
+                "examples": len(examples),
+                "positions": sum(s["positions"] for s in shards),
+                "bytes": sum(s["bytes"] for s in shards),
+                "data_sha256": examples_fingerprint(examples),
+                "shards": shards,
+            }
+    positions = sum(s["positions"] for s in splits.values())
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": {
+            "model": r.teacher.model,
+            "dtype": r.teacher.dtype,
+            "weights_sha256": weights_fingerprint(teacher),
+        },
+        **tokenizer_fingerprint(tokenizer),
+        "vocab_size": vocab_size,
+        "max_length": r.data.max_length,
+        "packing": r.data.packing,
+        "data": {
+            "train": r.data.train,
+            "eval": r.data.eval,
+            "max_train_records": r.data.max_train_records,
+            "max_eval_records": r.data.max_eval_records,
+        },
+        "temperature": settings.temperature,
+        "top_k": settings.top_k,
+        "dtype": settings.dtype,
+        "bytes_per_position": sum(s["bytes"] for s in splits.values()) / max(positions, 1),
+        "splits": splits,
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _claim(out: Path, started: dict[str, Any]) -> None:
+    """Mark ``out`` as this recipe's cache, or refuse a folder that holds another's."""
+    path = out / SETTINGS
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != started:
+            changed = sorted(k for k in started if before.get(k) != started[k])
+            raise RecipeError(
+                f"{out} holds a teacher cache of another recipe ({', '.join(changed)} differ); "
+                "choose another teacher.cache folder, or delete that one to write it again"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise RecipeError(
+            f"{out} is not empty and holds no teacher cache; choose an empty or new folder "
+            "for teacher.cache"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(started, indent=2, sort_keys=True))

@@ -1,0 +1,161 @@
+"""Writing a teacher cache (format: :mod:`potstill.teachers.cache`): the live teacher's top-k
+log-probabilities at every supervised position, shard by shard, resumable after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from potstill.data import Example, collate
+from potstill.lm import final_hidden, lm_head
+from potstill.losses.rows import chunked_rows, head_logits_fp32
+from potstill.teachers.cache import DTYPES, MANIFEST, sha256_file
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    top_k: int = 16
+    dtype: str = "float16"  # of the stored log-probabilities
+    temperature: float = 1.0  # the teacher's softmax temperature at capture
+    shard_positions: int = 262_144  # a shard closes at the first batch boundary past this
+    batch_size: int = 8
+    chunk_size: int | None = None  # rows per head chunk (None: from a memory budget)
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _ledger(out: Path, split: str) -> Path:
+    return out / f"{split}.ledger.jsonl"
+
+
+def finished_shards(out: Path, split: str) -> list[dict[str, Any]]:
+    """The ledger's shards that are still on disk and intact, in order; stops at the first one
+    that is not (a resumed writer rewrites from there)."""
+    path = _ledger(out, split)
+    shards: list[dict[str, Any]] = []
+    if not path.is_file():
+        return shards
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            break
+        file = out / entry["file"]
+        if entry["start"] != (shards[-1]["end"] if shards else 0) or not file.is_file():
+            break
+        if sha256_file(file) != entry["sha256"]:
+            break
+        shards.append(entry)
+    return shards
+
+
+@torch.no_grad()
+def top_k_rows(
+    teacher: nn.Module,
+    batch: dict[str, Tensor],
+    *,
+    vocab_size: int | None,
+    settings: CaptureSettings,
+) -> tuple[Tensor, Tensor]:
+    """The teacher's top-k ``(ids, log-probs)`` at the batch's supervised positions, in the order
+    of ``labels != -100``: (P, k) long, (P, k) fp32."""
+    mask = batch["labels"] != -100  # (B, T)
+    hidden = final_hidden(teacher, batch)[mask]  # (P, H)
+    weight, bias = lm_head(teacher, vocab_size)
+    temperature, k = settings.temperature, settings.top_k
+
+    def rows(h: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+        logp = torch.log_softmax(head_logits_fp32(h, w, b) / temperature, dim=-1)  # (c, V)
+        top, ids = logp.topk(k, dim=-1)  # (c, k)
+        return ids, top
+
+    return chunked_rows(rows, hidden, weight, bias, (), chunk_size=settings.chunk_size)
+
+
+def write_split(
+    teacher: nn.Module,
+    examples: Sequence[Example],
+    out: Path,
+    split: str,
+    *,
+    pad_token_id: int,
+    vocab_size: int | None,
+    settings: CaptureSettings,
+    device: torch.device | str = "cpu",
+    on_batch: Any = None,
+) -> list[dict[str, Any]]:
+    """Write (or finish writing) one split's shards; returns their ledger entries.
+
+    Batches are consecutive examples and shards whole batches, so a resumed writer, which starts
+    at the first shard the ledger does not vouch for, forms the same batches an uninterrupted one
+    did and writes the same bytes. ``on_batch(examples, positions)`` reports progress."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = finished_shards(out, split)
+    ledger = _ledger(out, split)
+    ledger.write_text("".join(json.dumps(s) + "\n" for s in shards))  # drop what is not vouched
+    start = shards[-1]["end"] if shards else 0
+    if on_batch is not None and start:
+        on_batch(start, sum(s["positions"] for s in shards))
+    # ids < vocab_size: two bytes each where the vocabulary has at most 65,536 entries
+    id_dtype = torch.uint16 if vocab_size is not None and vocab_size <= 1 << 16 else torch.int32
+    ids_parts: list[Tensor] = []
+    lp_parts: list[Tensor] = []
+    counts: list[int] = []
+    shard_start = start
+    for first in range(start, len(examples), settings.batch_size):
+        chunk = list(examples[first : first + settings.batch_size])
+        batch = {
+            key: value.to(device)
+            for key, value in collate(chunk, pad_token_id=pad_token_id).items()
+        }
+        ids, top = top_k_rows(teacher, batch, vocab_size=vocab_size, settings=settings)
+        ids_parts.append(ids.cpu().to(id_dtype))
+        lp_parts.append(top.cpu().to(DTYPES[settings.dtype]))
+        counts += (batch["labels"] != -100).sum(1).tolist()
+        end = first + len(chunk)
+        if on_batch is not None:
+            on_batch(len(chunk), ids.shape[0])
+        if sum(counts) >= settings.shard_positions or end == len(examples):
+            shards.append(
+                _close_shard(out, split, len(shards), shard_start, end, ids_parts, lp_parts, counts)
+            )
+            with ledger.open("a") as f:
+                f.write(json.dumps(shards[-1]) + "\n")
+            ids_parts, lp_parts, counts, shard_start = [], [], [], end
+    return shards
+
+
+def _close_shard(out, split, index, start, end, ids_parts, lp_parts, counts) -> dict[str, Any]:
+    name = f"{split}-{index:05d}.safetensors"
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    tensors = {"ids": torch.cat(ids_parts), "logprobs": torch.cat(lp_parts), "offsets": offsets}
+    _atomic_save(tensors, out / name)
+    return {
+        "file": name,
+        "start": start,
+        "end": end,
+        "positions": int(offsets[-1]),
+        "bytes": (out / name).stat().st_size,
+        "sha256": sha256_file(out / name),
+    }
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
+    path = out / MANIFEST
+    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path

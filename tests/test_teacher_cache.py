@@ -1,0 +1,216 @@
+"""The teacher cache: format round trip, resume after a kill during writing, every manifest
+mismatch and corruption path, and training from a cache with no teacher loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from potstill.cli import main
+from potstill.data import collate, tokenize_records
+from potstill.errors import DataError, RecipeError
+from potstill.teachers.cache import CacheError, CacheReader, iter_rows, read_manifest
+from potstill.teachers.writer import CaptureSettings, top_k_rows, write_split
+
+RECORDS = [{"prompt": f"{a}+{b}=", "completion": f" {a + b}"} for a in range(12) for b in (3, 7)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tiny_chat_lm, tiny_llama):
+    """A tiny teacher and a 2-layer student saved to disk, data, and a recipe reading them."""
+    root = tmp_path_factory.mktemp("cache")
+    model, tokenizer = tiny_chat_lm
+    model.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    student = tiny_llama(len(tokenizer), layers=2, seed=5)
+    student.save_pretrained(root / "student")
+    tokenizer.save_pretrained(root / "student")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:20]))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS[20:]))
+    (root / "r.yaml").write_text(
+        f"method: token_level\nteacher: {{model: {root / 'teacher'}, cache: {root / 'c'}}}\n"
+        f"student: {{model: {root / 'student'}, init: pretrained}}\n"
+        f"data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}, max_length: 32}}\n"
+        "cache: {top_k: 4, shard_positions: 20, batch_size: 3}\n"
+        "train: {max_steps: 3, batch_size: 4, precision: fp32, save_every: 0, log_every: 1}\n"
+    )
+    return root
+
+
+def cache_bytes(path: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.glob("*.safetensors"))
+    }
+
+
+def test_round_trip_returns_what_the_teacher_says(tmp_path, tiny_chat_lm):
+    model, tokenizer = tiny_chat_lm
+    examples, _ = tokenize_records(RECORDS, tokenizer, max_length=32)
+    settings = CaptureSettings(top_k=5, shard_positions=15, batch_size=4)
+    shards = write_split(
+        model, examples, tmp_path, "train", pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), settings=settings,
+    )  # fmt: skip
+    assert len(shards) > 2 and shards[-1]["end"] == len(examples)
+    manifest = {"splits": {"train": {"shards": shards}}}
+    reader = CacheReader(tmp_path, "train", manifest)
+    assert reader._shard(0)["ids"].dtype == torch.uint16  # a 100-token vocabulary: 2-byte ids
+    batch = collate(examples[5:9], pad_token_id=tokenizer.pad_token_id)
+    ids, logprobs = top_k_rows(model, batch, vocab_size=len(tokenizer), settings=settings)
+    counts = (batch["labels"] != -100).sum(1).tolist()
+    got_ids, got_lp = reader.rows([5, 6, 7, 8], counts)
+    assert torch.equal(got_ids, ids)
+    torch.testing.assert_close(got_lp, logprobs.half().float())
+    # the descending top-k of a log-softmax: every row sums to at most 1
+    assert (logprobs.exp().sum(-1) <= 1 + 1e-5).all() and (logprobs.diff(dim=-1) <= 0).all()
+    assert sum(1 for _ in iter_rows(reader)) == len(examples)
+    with pytest.raises(CacheError, match="supervised positions"):
+        reader.rows([5], [counts[0] + 1])
+
+
+def test_cache_then_train_without_a_teacher(folder, monkeypatch, capsys):
+    assert main(["cache", str(folder / "r.yaml")]) == 0
+    manifest = read_manifest(folder / "c")
+    assert manifest["top_k"] == 4 and manifest["bytes_per_position"] > 4 * 4
+    assert len(manifest["splits"]["train"]["shards"]) >= 2
+    assert main(["check", str(folder / "r.yaml"), "teacher.source=cache"]) == 0
+    assert "teacher_cache" in capsys.readouterr().out
+
+    import potstill.prepare as prepare
+
+    loaded = []
+    real = prepare.load_model
+    monkeypatch.setattr(
+        prepare, "load_model", lambda name, **kw: loaded.append(name) or real(name, **kw)
+    )
+    out = folder / "run"
+    args = ["train", str(folder / "r.yaml"), "teacher.source=cache", f"train.output_dir={out}"]
+    assert main(args) == 0
+    assert loaded == [str(folder / "student")]  # the teacher was never loaded
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["soft"] > 0 and "eval/teacher_kl_topk" in rows[-1]
+    assert 0 <= rows[-1]["eval/top1_agreement_topk"] <= 1
+    # the same command again finds the cache complete and leaves it as it is
+    before = cache_bytes(folder / "c")
+    assert main(["cache", str(folder / "r.yaml")]) == 0
+    assert cache_bytes(folder / "c") == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("teacher.model={student}", "another teacher.model"),
+        ("data.max_length=24", "another data.max_length"),
+        ("loss.kd_temperature=2.0", "temperature 1.0, but loss.kd_temperature is 2.0"),
+        ("data.max_eval_records=2", "other eval data"),
+        ("teacher.cache={root}/nowhere", "no complete teacher cache"),
+        ("method=on_policy", "cannot train from a teacher cache"),
+    ],
+)
+def test_a_cache_for_something_else_is_refused_naming_it(folder, override, message, capsys):
+    if not (folder / "c" / "manifest.json").is_file():
+        assert main(["cache", str(folder / "r.yaml")]) == 0
+    override = override.format(student=folder / "student", root=folder)
+    code = main(["train", str(folder / "r.yaml"), "teacher.source=cache", override])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_corrupted_and_missing_shards_are_named(folder, tmp_path):
+    if not (folder / "c" / "manifest.json").is_file():
+        assert main(["cache", str(folder / "r.yaml")]) == 0
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(folder / "c", copy)
+    manifest = read_manifest(copy)
+    first = copy / manifest["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(first.read_bytes())
+    data[-3] ^= 0xFF
+    first.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=f"{first.name} is corrupted"):
+        CacheReader(copy, "train").rows([0], [0])
+    first.unlink()
+    with pytest.raises(CacheError, match=f"{first.name} is missing"):
+        CacheReader(copy, "train").rows([0], [0])
+    assert issubclass(CacheError, DataError)  # printed as one line by the CLI
+
+
+def test_a_folder_of_another_recipe_is_not_overwritten(folder, tmp_path):
+    (tmp_path / "other.txt").write_text("keep me")
+    with pytest.raises(RecipeError, match="not empty"):
+        main_raise(["cache", str(folder / "r.yaml"), f"teacher.cache={tmp_path}"])
+    if not (folder / "c" / "manifest.json").is_file():
+        assert main(["cache", str(folder / "r.yaml")]) == 0
+    with pytest.raises(RecipeError, match="another recipe"):
+        main_raise(["cache", str(folder / "r.yaml"), "cache.top_k=3"])
+
+
+def main_raise(argv):
+    from potstill.cache import run_cache
+    from potstill.recipe import load_recipe
+
+    return run_cache(load_recipe(argv[1], argv[2:]))
+
+
+PRELUDE = """
+import os, sys, time
+import potstill.teachers.writer as writer
+marker, pause_at = os.environ["MARKER"], int(os.environ.get("PAUSE_AT", "0"))
+real, calls = writer.top_k_rows, [0]
+def top_k_rows(*args, **kwargs):
+    calls[0] += 1
+    with open(marker, "a") as f:
+        f.write(f"{calls[0]}\\n")
+    if calls[0] == pause_at:
+        time.sleep(120)
+    return real(*args, **kwargs)
+writer.top_k_rows = top_k_rows
+from potstill.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_cli(folder: Path, out: Path, pause_at: int = 0) -> tuple[subprocess.Popen, Path]:
+    marker = out.with_name(out.name + ".calls")
+    env = {**os.environ, "MARKER": str(marker), "PAUSE_AT": str(pause_at)}
+    argv = ["cache", str(folder / "r.yaml"), f"teacher.cache={out}"]
+    proc = subprocess.Popen([sys.executable, "-c", PRELUDE, *argv], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    return proc, marker
+
+
+def test_a_cache_killed_while_writing_finishes_equal_to_an_uninterrupted_one(folder, tmp_path):
+    whole, _ = run_cli(folder, tmp_path / "whole")
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()[-2000:]
+    kills = 0
+    for pause_at in (3, 6):  # two kills at different batches, the second after a resume
+        proc, marker = run_cli(folder, tmp_path / "killed", pause_at=pause_at)
+        deadline = time.monotonic() + 240
+        while not (marker.is_file() and len(marker.read_text().split()) >= pause_at):
+            assert proc.poll() is None, proc.stdout.read()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        marker.unlink()
+        kills += 1
+        assert not (tmp_path / "killed" / "manifest.json").exists()
+    proc, _ = run_cli(folder, tmp_path / "killed")
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()[-2000:]
+    assert kills == 2
+    assert cache_bytes(tmp_path / "killed") == cache_bytes(tmp_path / "whole")
+    a = read_manifest(tmp_path / "whole")
+    b = read_manifest(tmp_path / "killed")
+    assert a["splits"] == b["splits"]
