@@ -29,7 +29,7 @@ from potstill.teachers.cache import (
     weights_fingerprint,
 )
 from potstill.teachers.writer import CaptureSettings, write_manifest, write_split
-from potstill.utils import default_device_type, pad_token_id
+from potstill.utils import autocast_dtype, default_device_type, pad_token_id
 
 SETTINGS = "settings.json"  # what a partial cache was started with
 
@@ -49,6 +49,8 @@ def run_cache(r: Recipe) -> dict[str, Any]:
         shard_positions=r.cache.shard_positions,
         batch_size=r.cache.batch_size,
         chunk_size=r.loss.chunk_size,
+        # the teacher computes as it would in this recipe's training (train.precision)
+        autocast=_autocast_name(r.train.precision),
     )
     source = r.student.model or r.teacher.model  # the tokenizer training reads the data with
     tokenizer = load_tokenizer(source, trust_remote_code=r.student.trust_remote_code)
@@ -114,6 +116,7 @@ def run_cache(r: Recipe) -> dict[str, Any]:
         "teacher": {
             "model": r.teacher.model,
             "dtype": r.teacher.dtype,
+            "autocast": settings.autocast,  # the compute dtype of its forward passes, if not fp32
             "weights_sha256": weights_fingerprint(teacher),
         },
         **tokenizer_fingerprint(tokenizer),
@@ -134,6 +137,11 @@ def run_cache(r: Recipe) -> dict[str, Any]:
     }
     write_manifest(out, manifest)
     return manifest
+
+
+def _autocast_name(precision: str) -> str | None:
+    dtype = autocast_dtype(precision, default_device_type())
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _claim(out: Path, started: dict[str, Any]) -> None:

@@ -109,20 +109,27 @@ class TokenLevel(Method, name="token_level"):
                 labels[mask],
                 ids,
                 logprobs,
-                kind=self.kind,
-                temperature=self.temperature,
-                beta=self.beta,
-                alpha=self.alpha,
-                soft_weight=self.soft_weight,
-                hard_weight=self.hard_weight,
-                ignore_index=self.ignore_index,
                 chunk_size=self.chunk_size,
                 student_bias=bias,
                 softcap=logit_softcap(student),
+                **self.hyper(),
             )
         with torch.no_grad():
             teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
         return self.objective(student, teacher, student_h, teacher_h, labels[mask])
+
+    def hyper(self, **override: float | str) -> dict[str, float | str]:
+        """The loss functions' settings (divergence, temperature, weights), with overrides."""
+        return {
+            "kind": self.kind,
+            "temperature": self.temperature,
+            "beta": self.beta,
+            "alpha": self.alpha,
+            "soft_weight": self.soft_weight,
+            "hard_weight": self.hard_weight,
+            "ignore_index": self.ignore_index,
+            **override,
+        }
 
     def objective(
         self,
@@ -137,16 +144,7 @@ class TokenLevel(Method, name="token_level"):
 
         student_h (N, H_s), teacher_h (N, H_t), labels (N,). ``override`` replaces settings for
         one call (e.g. ``kind="reverse_kl", temperature=1.0`` for a forward-only monitor)."""
-        hyper = dict(
-            kind=self.kind,
-            temperature=self.temperature,
-            beta=self.beta,
-            alpha=self.alpha,
-            soft_weight=self.soft_weight,
-            hard_weight=self.hard_weight,
-            ignore_index=self.ignore_index,
-        )
-        hyper.update(override)
+        hyper = self.hyper(**override)
         fused = self.path == "fused"
         if fused and (logit_softcap(student) or logit_softcap(teacher)):
             if not self.fallback_said:

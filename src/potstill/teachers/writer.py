@@ -28,6 +28,7 @@ class CaptureSettings:
     shard_positions: int = 262_144  # a shard closes at the first batch boundary past this
     batch_size: int = 8
     chunk_size: int | None = None  # rows per head chunk (None: from a memory budget)
+    autocast: str | None = None  # "bfloat16": the teacher runs as it would in training (autocast)
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
@@ -72,8 +73,8 @@ def top_k_rows(
     """The teacher's top-k ``(ids, log-probs)`` at the batch's supervised positions, in the order
     of ``labels != -100``: (P, k) long, (P, k) fp32."""
     mask = batch["labels"] != -100  # (B, T)
-    hidden = final_hidden(teacher, batch)[mask]  # (P, H)
-    weight, bias = lm_head(teacher, vocab_size)
+    dtype = getattr(torch, settings.autocast) if settings.autocast else None
+    device = batch["input_ids"].device.type
     temperature, k = settings.temperature, settings.top_k
 
     def rows(h: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -81,7 +82,10 @@ def top_k_rows(
         top, ids = logp.topk(k, dim=-1)  # (c, k)
         return ids, top
 
-    return chunked_rows(rows, hidden, weight, bias, (), chunk_size=settings.chunk_size)
+    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        hidden = final_hidden(teacher, batch)[mask]  # (P, H)
+        weight, bias = lm_head(teacher, vocab_size)
+        return chunked_rows(rows, hidden, weight, bias, (), chunk_size=settings.chunk_size)
 
 
 def write_split(
