@@ -214,3 +214,33 @@ def test_a_cache_killed_while_writing_finishes_equal_to_an_uninterrupted_one(fol
     a = read_manifest(tmp_path / "whole")
     b = read_manifest(tmp_path / "killed")
     assert a["splits"] == b["splits"]
+
+
+@pytest.mark.slow
+def test_a_few_steps_from_a_cache_of_the_bundled_teacher(tmp_path, smollm2_dir, monkeypatch):
+    """The real SmolLM2-135M-Instruct cached, then a 6-to-2-layer student trained from the cache:
+    the only model loaded is the student's source (pruned), never a teacher."""
+    import potstill.prepare as prepare
+
+    argv = [
+        "teacher.model=bundled:smollm2-135m-instruct", f"teacher.cache={tmp_path / 'c'}",
+        "student.init=prune", "student.keep_layers=[0, 29]", "data.train=bundled:rg/gsm_symbolic",
+        "data.max_train_records=8", "data.max_eval_records=4", "data.max_length=128",
+        "cache.top_k=8", "train.max_steps=2", "train.batch_size=4", "train.precision=fp32",
+        f"train.output_dir={tmp_path / 'run'}", "train.save_every=0", "train.log_every=1",
+    ]  # fmt: skip
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: token_level\n")
+    assert main(["cache", str(recipe), *argv]) == 0
+    manifest = read_manifest(tmp_path / "c")
+    # k=8: 2-byte ids + 2-byte float16 per entry = 32 bytes, plus offsets and shard headers
+    assert manifest["vocab_size"] == 49152 and 32 < manifest["bytes_per_position"] < 36
+    loaded = []
+    real = prepare.load_model
+    monkeypatch.setattr(
+        prepare, "load_model", lambda name, **kw: loaded.append(name) or real(name, **kw)
+    )
+    assert main(["train", str(recipe), *argv, "teacher.source=cache"]) == 0
+    assert loaded == ["bundled:smollm2-135m-instruct"]  # once: the student's prune source
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["soft"] > 0 and rows[-1]["eval/teacher_kl_topk"] > 0
