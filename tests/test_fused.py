@@ -202,8 +202,18 @@ def test_auto_chunk_size_respects_budget_and_floor():
 
 def test_bad_teacher_arguments():
     t, labels = make(4, 8, 8, 10)
-    with pytest.raises(ValueError, match="either"):
+    with pytest.raises(ValueError, match="exactly one of these forms"):
         fused_distill_loss(t["hs"], t["ws"], labels)
+    with pytest.raises(ValueError, match="exactly one of these forms"):  # two teachers at once
+        fused_distill_loss(
+            t["hs"], t["ws"], labels, teacher_logits=torch.zeros(4, 10),
+            teacher_ids=torch.zeros(4, 3, dtype=torch.long), teacher_logprobs=torch.zeros(4, 3),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"must both be \(N, k\)"):
+        fused_distill_loss(
+            t["hs"], t["ws"], labels, teacher_ids=torch.zeros(4, 3, dtype=torch.long),
+            teacher_logprobs=torch.zeros(4, 2),
+        )  # fmt: skip
     with pytest.raises(ValueError, match="shared vocabulary"):
         fused_distill_loss(t["hs"], t["ws"], labels, teacher_logits=torch.zeros(4, 11))
 

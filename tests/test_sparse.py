@@ -22,10 +22,13 @@ def problem(n=7, h=8, v=30, k=5, seed=0):
     return hs, w, teacher_logits, labels, k
 
 
-def naive(hs, w, teacher_logits, labels, k, *, kind, temperature, beta=0.5, alpha=0.1, hard=0.0):
+def naive(
+    hs, w, teacher_logits, labels, k, *, kind, temperature, beta=0.5, alpha=0.1, hard=0.0, cap=None
+):
     """Full [N, V] logits; the "other" events summed entry by entry over the non-top-k ids."""
     keep = labels != -100
-    s = (hs @ w.T)[keep] / temperature  # (n, V)
+    logits = hs @ w.T if cap is None else cap * torch.tanh((hs @ w.T) / cap)  # (N, V)
+    s = logits[keep] / temperature  # (n, V)
     log_p_full = torch.log_softmax(teacher_logits[keep] / temperature, -1)
     top, ids = log_p_full.topk(k, -1)  # (n, k)
     rest = torch.ones_like(s, dtype=torch.bool).scatter(1, ids, False)  # (n, V) non-top-k
@@ -37,16 +40,19 @@ def naive(hs, w, teacher_logits, labels, k, *, kind, temperature, beta=0.5, alph
     terms = DIVERGENCES[kind].terms(log_q, log_p, beta=beta, alpha=alpha) * temperature**2
     loss = terms.sum()
     if hard:
-        ce = torch.nn.functional.cross_entropy((hs @ w.T)[keep], labels[keep], reduction="sum")
+        ce = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
         loss = loss + hard * ce
     return loss, ids, top
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_sparse_loss_and_gradients_match_the_naive_coarsening(kind, temperature):
+@pytest.mark.parametrize("cap", [None, 3.0], ids=["fused", "softcap-checkpointed"])
+def test_sparse_loss_and_gradients_match_the_naive_coarsening(kind, temperature, cap):
     hs, w, t_logits, labels, k = problem()
-    ref, ids, top = naive(hs, w, t_logits, labels, k, kind=kind, temperature=temperature, hard=0.3)
+    ref, ids, top = naive(
+        hs, w, t_logits, labels, k, kind=kind, temperature=temperature, hard=0.3, cap=cap
+    )
     ref_grads = torch.autograd.grad(ref, (hs, w))
     # the cache's view: ids and log-probs at every row (rows with ignore_index hold anything)
     full_ids = torch.zeros(labels.shape[0], k, dtype=torch.long)
@@ -54,8 +60,9 @@ def test_sparse_loss_and_gradients_match_the_naive_coarsening(kind, temperature)
     keep = labels != -100
     full_ids[keep], full_lp[keep] = ids, top
     sums = sparse_distill_sums(
-        hs, w, labels, full_ids, full_lp, kind=kind, temperature=temperature, hard_weight=0.3
-    )
+        hs, w, labels, full_ids, full_lp, kind=kind, temperature=temperature, hard_weight=0.3,
+        softcap=cap,
+    )  # fmt: skip
     grads = torch.autograd.grad(sums.loss, (hs, w))
     torch.testing.assert_close(sums.loss, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
@@ -96,3 +103,17 @@ def test_identical_distributions_give_zero_and_bad_shapes_are_refused():
     assert abs(float(sums.loss.detach())) < 1e-5
     with pytest.raises(ValueError, match=r"\(N, k\)"):
         sparse_distill_sums(hs, w, labels, ids[:, :2], top)
+
+
+@pytest.mark.slow
+def test_compiled_sparse_matches_eager():
+    hs, w, t_logits, labels, k = problem(n=40, v=70, k=6, seed=3)
+    _, ids, top = naive(hs, w, t_logits, labels, k, kind="jsd", temperature=1.0)
+    keep = labels != -100
+    kw = dict(kind="jsd", beta=0.3, hard_weight=0.2, chunk_size=16)
+    out = []
+    for compiled in (False, True):
+        sums = sparse_distill_sums(hs[keep], w, labels[keep], ids, top, compile=compiled, **kw)
+        out.append((sums.loss, *torch.autograd.grad(sums.loss, (hs, w))))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

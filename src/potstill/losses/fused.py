@@ -35,6 +35,7 @@ from potstill.losses.objective import (
     step_normalizer,
     valid_mask,
 )
+from potstill.losses.rows import split_tail, with_other
 
 DEFAULT_CHUNK_BUDGET_BYTES = 128 * 2**20  # per-chunk [n, V] work space; see auto_chunk_size
 # Fewer rows per chunk cost more time than the memory they save; see auto_chunk_size.
@@ -70,13 +71,15 @@ class _Objective:
     alpha: float
     soft_weight: float
     hard_weight: float
+    sparse: bool = False  # the teacher as top-k (ids, log-probs), not as logits
 
-    def chunk(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    def chunk(self, student_logits: Tensor, *teacher_and_labels: Tensor) -> Tensor:
         """A block of rows' unweighted [soft, hard] sums; the student logits are overwritten in
         place by the gradient of the weighted loss. Every row is valid (masked rows never reach
         here).
 
-        student_logits, teacher_logits: (n, V) any float dtype; labels: (n,)
+        student_logits: (n, V) any float dtype; then the teacher — its logits (n, V), or with
+        ``sparse`` its top-k ids (n, k) and log-probabilities (n, k) — and labels (n,)
         -> (2,) fp32 [soft, hard]; student_logits now holds dL/dlogits
 
         The divergence's value and pointwise score come from
@@ -85,13 +88,16 @@ class _Objective:
         ∂L/∂z = (G − q·ΣG) / T. Fewer passes over [n, V] than autograd's, whose JSD backward
         recomputes the mixture's derivative terms that cancel analytically.
         """
+        *teacher, labels = teacher_and_labels
         temperature = self.temperature
         z = student_logits.float()  # (n, V)
         log_q = _log_softmax(z, temperature)  # (n, V)
         zero = z.new_zeros(())
         soft, hard, grad = zero, zero, None
-        if self.soft_weight:
-            log_p = _log_softmax(teacher_logits.float(), temperature)  # (n, V)
+        if self.soft_weight and self.sparse:
+            soft, grad = self._sparse_soft(log_q, *teacher)
+        elif self.soft_weight:
+            log_p = _log_softmax(teacher[0].float(), temperature)  # (n, V)
             hp = dict(beta=self.beta, alpha=self.alpha)
             soft = pointwise_divergence(log_q, log_p, self.kind, temperature, **hp).sum()
             # T²/T: the T² of the value, one 1/T of the chain rule.
@@ -109,6 +115,25 @@ class _Objective:
             grad = torch.zeros_like(z)
         student_logits.copy_(grad)  # compiled, the gradient is stored straight into the buffer
         return torch.stack([soft, hard])
+
+    def _sparse_soft(self, log_q: Tensor, ids: Tensor, teacher_logp: Tensor):
+        """The divergence on the teacher's k events plus "other", and its gradient w.r.t. the
+        student's logits. log_q (n, V), ids (n, k), teacher_logp (n, k) -> ((), (n, V))
+
+        With G = ∂L/∂(coarse log_q) per event (the divergence's score, × soft_weight · T as in
+        the dense case) and q̃ the student's tail renormalised (q_j / Q_other off the k events, 0
+        on them): ∂L/∂z_j = (G_{event of j} + G_other · q̃_j − q_j · ΣG) / T."""
+        ids = ids.long()
+        events, tail, log_other = split_tail(log_q, ids)  # (n, k), (n, V), (n, 1)
+        coarse_q = torch.cat([events, log_other], dim=-1)  # (n, k+1)
+        coarse_p = with_other(teacher_logp.float())  # (n, k+1)
+        hp = dict(beta=self.beta, alpha=self.alpha)
+        soft = pointwise_divergence(coarse_q, coarse_p, self.kind, self.temperature, **hp).sum()
+        score = DIVERGENCES[self.kind].score(coarse_q, coarse_p, **hp) * (
+            self.soft_weight * self.temperature
+        )  # (n, k+1)
+        grad = score[:, -1:] * (tail - log_other).exp() - log_q.exp() * score.sum(-1, keepdim=True)
+        return soft, grad.scatter_add(1, ids, score[:, :-1])
 
 
 def _log_softmax(x: Tensor, temperature: float) -> Tensor:
@@ -159,6 +184,8 @@ class _FusedDistillation(torch.autograd.Function):
         teacher_weight: Tensor | None,  # (V, H_t)
         teacher_bias: Tensor | None,  # (V,)
         teacher_logits: Tensor | None,  # (N, V)
+        teacher_ids: Tensor | None,  # (N, k) top-k ids ...
+        teacher_logprobs: Tensor | None,  # (N, k) ... and their log-probabilities
         labels: Tensor,  # (N,)
         objective: _Objective,
         ignore_index: int,
@@ -177,17 +204,14 @@ class _FusedDistillation(torch.autograd.Function):
         # contiguous (H, V) copies (measured, bf16 and fp32 on the 2-core reference machine).
         w_s = student_weight.to(dtype)  # (V, H_s)
         w_s_t = w_s.T  # (H_s, V)
-        if teacher_logits is None:
+        project = teacher_hidden is not None  # the teacher's logits from its hidden states
+        if project:
             t_dtype = _compute_dtype(teacher_hidden)
             w_t_t = teacher_weight.to(t_dtype).T  # (H_t, V)
         # Work space reused by every chunk (fresh [n, V] allocations would page-fault every time):
         # the student's logits, overwritten block by block with their gradient, and the teacher's.
         s_buf = torch.empty(chunk_size, vocab, dtype=dtype, device=device)
-        t_buf = (
-            None
-            if teacher_logits is not None
-            else torch.empty(chunk_size, vocab, dtype=t_dtype, device=device)
-        )
+        t_buf = torch.empty(chunk_size, vocab, dtype=t_dtype, device=device) if project else None
         # Accumulate straight into the gradients' own dtype when the matmuls run in it; under
         # autocast (fp32 weights, bf16 matmuls) each chunk's product is added into fp32.
         if want_grad:
@@ -205,20 +229,23 @@ class _FusedDistillation(torch.autograd.Function):
                 s_logits = torch.mm(h, w_s_t, out=s_buf[:n])  # (n, V)
                 if student_bias is not None:
                     s_logits += student_bias.to(dtype)
-                if teacher_logits is not None:
-                    t_logits = teacher_logits[idx]  # (n, V)
+                if teacher_ids is not None:
+                    teacher = (teacher_ids[idx], teacher_logprobs[idx])  # (n, k), (n, k)
+                elif teacher_logits is not None:
+                    teacher = (teacher_logits[idx],)  # (n, V)
                 else:
                     t_logits = torch.mm(
                         teacher_hidden[idx].to(t_dtype), w_t_t, out=t_buf[:n]
                     )  # (n, V)
                     if teacher_bias is not None:
                         t_logits += teacher_bias.to(t_dtype)
+                    teacher = (t_logits,)
                 y = labels[idx]
                 # The softmax work, a few rows at a time so each block stays in cache; each block's
                 # logits are replaced by dL/dlogits once read.
                 for i in range(0, n, sub):
                     j = min(i + sub, n)
-                    term_sums += step(s_logits[i:j], t_logits[i:j], y[i:j])
+                    term_sums += step(s_logits[i:j], *(t[i:j] for t in teacher), y[i:j])
                 if not want_grad:
                     continue
                 g = s_logits  # (n, V) = dL/dlogits
@@ -255,7 +282,7 @@ class _FusedDistillation(torch.autograd.Function):
         ):
             out.append(grad.mul_(grad_output).to(dtype) if needed and grad is not None else None)
         ctx.grads = None  # single use: free the buffers
-        return (*out, *([None] * 10))
+        return (*out, *([None] * 12))
 
 
 def fused_distill_sums(
@@ -266,6 +293,8 @@ def fused_distill_sums(
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
     teacher_logits: Tensor | None = None,
+    teacher_ids: Tensor | None = None,
+    teacher_logprobs: Tensor | None = None,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -282,21 +311,38 @@ def fused_distill_sums(
     which divides once); see :func:`fused_distill_loss` for the arguments. ``terms`` holds the
     unweighted ``soft`` / ``hard`` sums of the terms whose weight is non-zero. Under
     ``torch.no_grad`` (or with no input needing a gradient) only the value is computed."""
-    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
-        raise ValueError(
-            "pass the teacher either as teacher_hidden + teacher_weight or as teacher_logits"
-        )
+    views = {
+        "teacher_hidden + teacher_weight": teacher_hidden is not None
+        and teacher_weight is not None,
+        "teacher_logits": teacher_logits is not None,
+        "teacher_ids + teacher_logprobs": teacher_ids is not None and teacher_logprobs is not None,
+    }
+    if sum(views.values()) != 1:
+        raise ValueError(f"pass the teacher in exactly one of these forms: {', '.join(views)}")
     vocab = student_weight.shape[0]
-    teacher_vocab = (
-        teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
-    )
-    if teacher_vocab != vocab:
+    sparse = teacher_ids is not None
+    if sparse and teacher_ids.shape != teacher_logprobs.shape:
         raise ValueError(
-            f"student head has {vocab} rows, teacher {teacher_vocab}; slice both to the shared vocabulary"
+            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
+            f"{tuple(teacher_logprobs.shape)} must both be (N, k)"
         )
+    if not sparse:
+        teacher_vocab = (
+            teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
+        )
+        if teacher_vocab != vocab:
+            raise ValueError(
+                f"student head has {vocab} rows, teacher {teacher_vocab}; slice both to the shared vocabulary"
+            )
     check_divergence_args(kind, temperature=temperature, beta=beta, alpha=alpha)
     objective = _Objective(
-        kind, float(temperature), float(beta), float(alpha), float(soft_weight), float(hard_weight)
+        kind,
+        float(temperature),
+        float(beta),
+        float(alpha),
+        float(soft_weight),
+        float(hard_weight),
+        sparse,
     )
     detach = lambda t: None if t is None else t.detach()  # noqa: E731 - the teacher is a constant
     loss, sums = _FusedDistillation.apply(
@@ -307,6 +353,8 @@ def fused_distill_sums(
         detach(teacher_weight),
         detach(teacher_bias),
         detach(teacher_logits),
+        teacher_ids,
+        detach(teacher_logprobs),
         labels,
         objective,
         ignore_index,
@@ -334,6 +382,8 @@ def fused_distill_loss(
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
     teacher_logits: Tensor | None = None,
+    teacher_ids: Tensor | None = None,
+    teacher_logprobs: Tensor | None = None,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -356,7 +406,10 @@ def fused_distill_loss(
         labels: (N,) next-token ids, already shifted; ``ignore_index`` rows are skipped.
         teacher_hidden, teacher_weight: (N, H_t), (V, H_t) — the teacher as hidden states and head
             (projected a chunk at a time; H_t may differ from H_s) ...
-        teacher_logits: (N, V) ... or as precomputed logits, read a chunk at a time.
+        teacher_logits: (N, V) ... or as precomputed logits, read a chunk at a time ...
+        teacher_ids, teacher_logprobs: (N, k), (N, k) ... or as its top-k token ids and their
+            log-probabilities at ``temperature`` (a teacher cache): the divergence is then exact
+            on the k events plus one "other" event (:mod:`potstill.losses.sparse`).
         kind, temperature, beta, alpha: as :func:`potstill.losses.divergence` (T² included).
         soft_weight, hard_weight: weights of the divergence and of cross-entropy on ``labels``.
         normalizer: the divisor of the summed loss: valid tokens of the whole optimizer step when
@@ -377,6 +430,8 @@ def fused_distill_loss(
         teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight,
         teacher_logits=teacher_logits,
+        teacher_ids=teacher_ids,
+        teacher_logprobs=teacher_logprobs,
         kind=kind,
         temperature=temperature,
         beta=beta,

@@ -66,3 +66,19 @@ def with_other(logp: Tensor) -> Tensor:
     mass = torch.logsumexp(logp, -1, keepdim=True).clamp(max=-1e-7)  # < 0: "other" has mass
     other = torch.log(-torch.expm1(mass))
     return torch.cat([logp, other], dim=-1)
+
+
+LOG_TINY = float(torch.log(torch.tensor(torch.finfo(torch.float32).tiny)))  # ≈ −87.3
+
+
+def split_tail(log_q: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A distribution coarsened to the events ``ids`` plus "other".
+
+    log_q (c, V) log-probabilities, ids (c, k) distinct per row ->
+    ``(log-probs of the k events (c, k), the tail's entries (c, V) with the k events at −inf,
+    log of the tail's mass (c, 1))``. The tail's mass is summed over its own entries (no
+    cancellation in 1 − Σ top-k) and floored at fp32's smallest normal number."""
+    events = log_q.gather(1, ids)  # (c, k)
+    tail = log_q.scatter(1, ids, float("-inf"))  # (c, V)
+    log_other = torch.logsumexp(tail, -1, keepdim=True).clamp(min=LOG_TINY)  # (c, 1)
+    return events, tail, log_other

@@ -21,8 +21,15 @@ import torch
 from torch import Tensor
 
 from potstill.losses.divergences import check_divergence_args, pointwise_divergence
+from potstill.losses.fused import fused_distill_sums
 from potstill.losses.objective import HARD, SOFT, LossSums, mix
-from potstill.losses.rows import chunked_rows, head_logits_fp32, label_logprob, with_other
+from potstill.losses.rows import (
+    chunked_rows,
+    head_logits_fp32,
+    label_logprob,
+    split_tail,
+    with_other,
+)
 
 
 def coarse_student(logits: Tensor, teacher_ids: Tensor, temperature: float) -> Tensor:
@@ -30,7 +37,8 @@ def coarse_student(logits: Tensor, teacher_ids: Tensor, temperature: float) -> T
 
     logits (c, V) fp32, teacher_ids (c, k) -> (c, k+1)"""
     log_q = torch.log_softmax(logits / temperature, dim=-1)  # (c, V)
-    return with_other(log_q.gather(1, teacher_ids))  # (c, k+1)
+    events, _, log_other = split_tail(log_q, teacher_ids)
+    return torch.cat([events, log_other], dim=-1)
 
 
 def sparse_distill_sums(
@@ -50,6 +58,7 @@ def sparse_distill_sums(
     chunk_size: int | None = None,
     student_bias: Tensor | None = None,
     softcap: float | None = None,
+    compile: bool = False,
 ) -> LossSums:
     """``soft_weight · divergence + hard_weight · CE`` against a top-k teacher, summed over rows.
 
@@ -61,7 +70,9 @@ def sparse_distill_sums(
         teacher_logprobs: (N, k) their log-probabilities at ``temperature`` (any float dtype;
             the "other" event's mass 1 − Σ exp(·) is derived in fp32).
         kind, temperature, beta, alpha: as :func:`potstill.losses.divergence` (T² included).
-        softcap: the student's final-logit soft-capping, if its config has one.
+        softcap: the student's final-logit soft-capping, if its config has one (then the loss
+            runs as autograd through checkpointed chunks, else in the fused engine).
+        compile: fused engine: ``torch.compile`` the per-chunk work.
 
     Returns:
         :class:`potstill.losses.LossSums` with the unweighted ``soft`` / ``hard`` sums of the
@@ -73,6 +84,15 @@ def sparse_distill_sums(
             f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
             f"{tuple(teacher_logprobs.shape)} must both be (N, k) with N = {labels.shape[0]}"
         )
+    if softcap is None:  # the fused engine: gradients in the forward pass, nothing recomputed
+        return fused_distill_sums(
+            student_hidden, student_weight, labels, teacher_ids=teacher_ids,
+            teacher_logprobs=teacher_logprobs, kind=kind, temperature=temperature, beta=beta,
+            alpha=alpha, soft_weight=soft_weight, hard_weight=hard_weight,
+            ignore_index=ignore_index, chunk_size=chunk_size, student_bias=student_bias,
+            compile=compile,
+        )  # fmt: skip
+    # Final-logit soft-capping: autograd through checkpointed chunks (each recomputed in backward)
     keep = labels != ignore_index  # (N,)
     hidden, y = student_hidden[keep], labels[keep]  # (n, H), (n,)
     ids = teacher_ids[keep].long()  # (n, k)

@@ -112,6 +112,7 @@ class TokenLevel(Method, name="token_level"):
                 chunk_size=self.chunk_size,
                 student_bias=bias,
                 softcap=logit_softcap(student),
+                compile=self.compile,
                 **self.hyper(),
             )
         with torch.no_grad():
