@@ -138,3 +138,13 @@ def test_check_and_train_on_bundled_smollm2(smollm2_dir, tmp_path, capsys):
     assert rows[-1]["eval/teacher_kl"] > 0 and all(r.get("loss", 1) > 0 for r in rows)
     assert (out_dir / "model" / "model.safetensors").is_file()
     assert "student saved to" in out
+
+
+def test_overrides_may_follow_the_flags():
+    from potstill.cli import parse
+
+    args = parse(["evaluate", "r.yaml", "a.b=1", "--student", "d", "train.seed=2"])
+    assert args.overrides == ["a.b=1", "train.seed=2"] and args.student == ["d"]
+    for argv in (["evaluate", "r.yaml", "--student", "d", "--bogus"], ["keys", "x=1"]):
+        with pytest.raises(SystemExit):
+            parse(argv)

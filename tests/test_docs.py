@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from potstill.cli import build_parser
+from potstill.cli import build_parser, parse
 from potstill.recipe import apply_override, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_shown_commands_parse_with_real_verbs_recipes_and_keys(where, command):
     if len(argv) == 1 and argv[0] in verbs and argv[0] not in ("demo", "keys"):
         return  # a verb named in prose, without its arguments
     try:
-        args = parser.parse_args(argv)
+        args = parse(argv)
     except SystemExit:
         pytest.fail(f"{where}: `{command}` does not parse with potstill's CLI")
     overrides = getattr(args, "overrides", None) or []
