@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from potstill.generation.base import SamplingParams
 from potstill.generation.hf import HFBackend
@@ -214,3 +215,45 @@ def test_potstill_http_backend_against_potstill_serve(base_url, backend):
         assert [c.finish_reason for c in remote_samples] == [c.finish_reason for c in local_samples]
         for r, lo in zip(remote_samples, local_samples, strict=True):
             assert r.token_logprobs == pytest.approx(lo.token_logprobs, abs=1e-5)
+
+
+def test_scoring_token_ids_returns_the_models_top_k(base_url, backend):
+    """echo + max_tokens=0 scores given tokens: top-k per position at a temperature, by id."""
+    model = backend.model
+    rows = [[5, 30, 31, 40, 7], [60, 61]]
+    body = {
+        "model": MODEL, "prompt": rows, "echo": True, "max_tokens": 0, "logprobs": 7,
+        "temperature": 2.0, "return_tokens_as_token_ids": True,
+    }  # fmt: skip
+    data = httpx.post(f"{base_url}/completions", json=body, timeout=30).json()
+    assert [c["index"] for c in data["choices"]] == [0, 1]
+    for ids, choice in zip(rows, data["choices"], strict=True):
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [f"token_id:{i}" for i in ids]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()  # (T-1, V)
+        ref = torch.log_softmax(logits / 2.0, -1)
+        top, top_ids = ref.topk(7, -1)
+        for t in range(len(ids) - 1):
+            got = lp["top_logprobs"][t + 1]
+            assert list(got) == [f"token_id:{i}" for i in top_ids[t].tolist()]
+            assert list(got.values()) == pytest.approx(top[t].tolist(), abs=1e-5)
+            assert lp["token_logprobs"][t + 1] == pytest.approx(float(ref[t, ids[t + 1]]), abs=1e-5)
+    assert data["usage"] == {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": [1, 2], "echo": True, "max_tokens": 3}, "echo"),
+        ({"prompt": [1, 2], "echo": True, "max_tokens": 0, "logprobs": 10_000}, "logprobs"),
+        ({"prompt": [1, 100_000], "echo": True, "max_tokens": 0}, "prompt"),
+        ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+        ({"prompt": [1, 2], "max_tokens": 2}, None),
+    ],
+)
+def test_bad_scoring_requests_name_the_field(base_url, body, param):
+    response = httpx.post(f"{base_url}/completions", json={"model": MODEL, **body}, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param

@@ -11,9 +11,17 @@ Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``
 Requests are served one at a time: a lock around the batched ``HFBackend``, and all prompts and
 ``n`` samples of one request are decoded together in batches of ``batch_size`` rows.
 
+Scoring given tokens (a teacher for training over HTTP): ``POST /v1/completions`` with
+``echo: true`` and ``max_tokens: 0`` returns the log-probabilities of the prompt itself — the
+prompt may be token ids (a list of ints, or a list of such lists), ``logprobs`` may be up to the
+vocabulary size, ``temperature`` tempers the returned log-probabilities (nothing is sampled), and
+``return_tokens_as_token_ids: true`` names tokens ``"token_id:N"`` (vLLM's convention), so ids
+survive tokens that decode alike. As in the OpenAI API, position 0 has no log-probabilities.
+
 What differs from the OpenAI API:
-  * no streaming, tools, penalties, ``logit_bias``, ``echo``, ``suffix`` or ``best_of``: a request
-    that asks for them gets a 400 that says so (other unknown fields are ignored);
+  * no streaming, tools, penalties, ``logit_bias``, ``suffix`` or ``best_of``, and ``echo`` only
+    for scoring (``max_tokens: 0``): a request that asks for more gets a 400 that says so (other
+    unknown fields are ignored);
   * no ``seed`` means a fresh random seed per request; with a seed, the same request gives the
     same completions (see ``potstill.generation.hf`` for the exact promise);
   * ``max_tokens`` defaults to 16 for completions (as OpenAI's) and to 512 for chat, capped by
@@ -31,6 +39,7 @@ import time
 import uuid
 from typing import Any, Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -61,7 +70,7 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt (completions, with echo)
     stop: str | list[str] | None = None
     seed: int | None = None
     # Accepted only at their do-nothing values:
@@ -72,9 +81,10 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0)  # ≤ MAX_LOGPROBS when sampling, ≤ V when scoring
     echo: bool | None = False
+    return_tokens_as_token_ids: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
 
@@ -136,7 +146,11 @@ def _unsupported(request: _Request) -> None:
     ]
     if isinstance(request, CompletionRequest):
         checks += [
-            ("echo", bool(request.echo), "echo is not supported; set echo=false"),
+            (
+                "echo",
+                bool(request.echo) and request.max_tokens != 0,
+                "echo is supported for scoring only: set max_tokens=0 (or echo=false)",
+            ),
             ("suffix", request.suffix is not None, "suffix (insertion) is not supported"),
             ("best_of", request.best_of not in (None, request.n), "best_of must equal n"),
         ]
@@ -178,10 +192,7 @@ def completion_logprobs(c: Completion) -> dict[str, list]:
     """Completions-style logprobs. As in the OpenAI API, each top_logprobs dict also holds the
     sampled token, so it has up to logprobs + 1 entries; text_offset counts from the completion's
     first character."""
-    offsets, at = [], 0
-    for token in c.tokens:
-        offsets.append(at)
-        at += len(token)
+    offsets = _offsets(c.tokens)
     top = [
         {**t, token: lp} if token not in t else t
         for t, token, lp in zip(c.top_logprobs, c.tokens, c.token_logprobs, strict=True)
@@ -331,6 +342,14 @@ def create_app(backend: HFBackend, model_id: str) -> FastAPI:
     def _completions(request: CompletionRequest) -> dict:
         check_model(request.model)
         _unsupported(request)
+        if request.echo:
+            return _score(request)
+        if request.max_tokens == 0:
+            raise _invalid("max_tokens=0 scores the prompt: set echo=true", "max_tokens")
+        if request.logprobs is not None and request.logprobs > MAX_LOGPROBS:
+            raise _invalid(f"logprobs must be ≤ {MAX_LOGPROBS} when sampling", "logprobs")
+        if _token_ids(request.prompt) is not None:
+            raise _invalid("token-id prompts are supported for scoring (echo, max_tokens=0)")
         prompts: list[Prompt] = (
             [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         )
@@ -364,6 +383,74 @@ def create_app(backend: HFBackend, model_id: str) -> FastAPI:
             "system_fingerprint": None,
         }
 
+    def _score(request: CompletionRequest) -> dict:
+        """The prompts' own log-probabilities (echo, max_tokens=0): top-``logprobs`` per
+        position at ``temperature``."""
+        tokenizer, model = backend.tokenizer, backend.model
+        rows = _token_ids(request.prompt)
+        if rows is None:
+            texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+            rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        vocab = model.get_output_embeddings().weight.shape[0]
+        k = request.logprobs or 0
+        if k > vocab:
+            raise _invalid(f"logprobs must be ≤ the vocabulary size {vocab}", "logprobs")
+        if request.temperature <= 0:
+            raise _invalid("scoring needs temperature > 0", "temperature")
+        if any(not r for r in rows):
+            raise _invalid("a prompt has no tokens", "prompt")
+        if any(t < 0 or t >= vocab for r in rows for t in r):
+            raise _invalid(f"token ids must be in [0, {vocab})", "prompt")
+        if context and max(map(len, rows)) > context:
+            raise _invalid(f"a prompt is longer than the model's context ({context})", "prompt")
+        as_ids = bool(request.return_tokens_as_token_ids)
+        name = (lambda i: f"token_id:{i}") if as_ids else (lambda i: tokenizer.decode([i]))
+        choices = []
+        for index, ids in enumerate(rows):
+            try:
+                logp = score_tokens(model, ids, request.temperature)  # (T-1, V)
+            except Exception as err:
+                log.exception("scoring failed")
+                raise APIError(500, f"scoring failed ({type(err).__name__})") from None
+            own = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()  # (T-1,)
+            top_lp, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+            top = [None] + (
+                [
+                    dict(zip(map(name, i), lp, strict=True))
+                    for i, lp in zip(top_ids.tolist(), top_lp.tolist(), strict=True)
+                ]
+                if k
+                else [None] * (len(ids) - 1)
+            )
+            tokens = [name(i) for i in ids]
+            choices.append(
+                {
+                    "index": index,
+                    "text": "" if as_ids else "".join(tokens),
+                    "logprobs": {
+                        "tokens": tokens,
+                        "token_logprobs": [None, *own],
+                        "top_logprobs": top if request.logprobs is not None else None,
+                        "text_offset": [0] * len(tokens) if as_ids else _offsets(tokens),
+                    },
+                    "finish_reason": "length",
+                }
+            )
+        prompt_tokens = sum(map(len, rows))
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_id,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": 0,
+                "total_tokens": prompt_tokens,
+            },
+            "system_fingerprint": None,
+        }
+
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatRequest) -> dict:
         with lock:
@@ -374,6 +461,8 @@ def create_app(backend: HFBackend, model_id: str) -> FastAPI:
         _unsupported(request)
         if request.top_logprobs is not None and not request.logprobs:
             raise _invalid("top_logprobs needs logprobs=true", "top_logprobs")
+        if request.max_tokens == 0:
+            raise _invalid("max_tokens must be ≥ 1 for chat completions", "max_tokens")
         messages: list[dict] = [_message(m) for m in request.messages]
         [length] = prompt_lengths([messages])
         max_tokens = (
@@ -403,6 +492,31 @@ def create_app(backend: HFBackend, model_id: str) -> FastAPI:
         }
 
     return app
+
+
+@torch.no_grad()
+def score_tokens(model, ids: list[int], temperature: float) -> torch.Tensor:
+    """log p(· | ids[:t+1]) at ``temperature`` for t < T−1: (T-1, V) fp32."""
+    device = next(model.parameters()).device
+    logits = model(torch.tensor([ids], device=device), use_cache=False).logits[0, :-1]  # (T-1, V)
+    return torch.log_softmax(logits.float() / temperature, dim=-1).cpu()
+
+
+def _token_ids(prompt) -> list[list[int]] | None:
+    """The prompt as rows of token ids, or None when it is text."""
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(r, list) for r in prompt):
+        return prompt
+    return None
+
+
+def _offsets(tokens: list[str]) -> list[int]:
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return offsets
 
 
 def _union_tag(part) -> bool:
