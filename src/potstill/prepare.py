@@ -150,6 +150,15 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
         teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
     if r.teacher.source == "cache":  # the manifest vouches for the tokenizer; no teacher here
         vocab_size = _cache_manifest(r, tokenizer)["vocab_size"]
+    if r.teacher.source == "server":  # the served model's tokenizer and config, no weights
+        vocab_size = check_vocab_compatible(
+            load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code),
+            tokenizer,
+            teacher_vocab_rows=load_config(
+                r.teacher.model, trust_remote_code=r.teacher.trust_remote_code
+            ).vocab_size,
+            student_vocab_rows=student.get_output_embeddings().weight.shape[0],
+        )
     if teacher is not None and _method(r).shared_vocabulary:
         vocab_size = check_vocab_compatible(
             teacher_tok,

@@ -40,14 +40,27 @@ class TeacherSpec:
     trust_remote_code: bool = doc("run model code from the Hub repo (only if you trust it)", False)
     source: str = doc(
         "where the teacher's signal comes from: live (the model, in this process) | cache (its "
-        "top-k log-probabilities from teacher.cache, written by `potstill cache`; no teacher "
-        "model is loaded; method token_level)",
+        "top-k log-probabilities from teacher.cache, written by `potstill cache`; method "
+        "token_level) | server (an OpenAI-compatible server at teacher.server_url scores each "
+        "batch: its top-k log-probabilities; token_level and on_policy). cache and server load "
+        "no teacher model",
         "live",
     )
     cache: str | None = doc(
         "the teacher cache folder: `potstill cache` writes it, teacher.source=cache reads it",
         None,
     )
+    server_url: str | None = doc(
+        "teacher.source=server: the server's /v1 URL, e.g. http://127.0.0.1:8000/v1 (potstill "
+        "serve); it must score given tokens (echo, max_tokens=0, token ids); teacher.model is "
+        "the served model's name",
+        None,
+    )
+    api_key_env: str | None = doc(
+        "teacher.source=server: NAME of the environment variable holding the API key", None
+    )
+    server_concurrency: int = doc("teacher.source=server: requests in flight at once", 4)
+    server_timeout: float = doc("teacher.source=server: seconds per request", 120.0)
 
 
 @dataclass
@@ -56,7 +69,8 @@ class CacheSpec:
 
     top_k: int = doc(
         "log-probabilities kept per position (the rest of the distribution is one 'other' "
-        "event); bytes per position: top_k × (2 for ids under 65,536 entries, else 4, + the dtype's)",
+        "event), also what a served teacher is asked for; bytes per position: top_k × (2 for "
+        "ids under 65,536 entries, else 4, + the dtype's)",
         16,
     )
     dtype: str = doc("stored log-probability dtype: float16 | bfloat16 | float32", "float16")
@@ -594,8 +608,28 @@ def validate(r: Recipe) -> None:
 
 def validate_teacher_source(r: Recipe) -> None:
     t, c = r.teacher, r.cache
-    if t.source not in ("live", "cache"):
-        raise RecipeError(f"`teacher.source` must be live or cache, got {t.source!r}")
+    if t.source not in ("live", "cache", "server"):
+        raise RecipeError(f"`teacher.source` must be live, cache or server, got {t.source!r}")
+    if t.source == "server":
+        if not t.server_url or not t.model:
+            raise RecipeError(
+                "`teacher.source: server` needs teacher.server_url (e.g. "
+                "http://127.0.0.1:8000/v1) and teacher.model (the served model's name)"
+            )
+        if r.method not in ("token_level", "on_policy"):
+            raise RecipeError(
+                f"method {r.method} cannot use a served teacher; use token_level or on_policy"
+            )
+        if r.data.packing:
+            raise RecipeError(
+                "a served teacher scores each row as one sequence, so rows cannot be packed; "
+                "set data.packing=false"
+            )
+        if r.on_policy.seq_kd and r.method == "on_policy":
+            raise RecipeError(
+                "on_policy.seq_kd samples from the teacher model, which a served teacher does "
+                "not load; set on_policy.seq_kd=false or teacher.source=live"
+            )
     if c.top_k < 1 or c.shard_positions < 1 or c.batch_size < 1:
         raise RecipeError(
             "`cache.top_k`, `cache.shard_positions` and `cache.batch_size` must be ≥ 1"

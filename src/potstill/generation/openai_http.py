@@ -363,16 +363,57 @@ class OpenAIBackend:
         if self._client is None:
             raise GenerationError("this OpenAIBackend is closed; create a new one")
         requests = [self._route(i, prompt, params) for i, prompt in enumerate(prompts)]
-        if not requests:
+        return self._in_parallel(
+            [(self._complete, path, body, params.n) for path, body in requests]
+        )
+
+    def score(
+        self, rows: Sequence[Sequence[int]], *, top_logprobs: int, temperature: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """The server's log-probabilities of each row of token ids itself (``echo`` with
+        ``max_tokens: 0``, tokens named ``token_id:N``): each row's completions-style
+        ``logprobs`` object, in row order. Raises ``GenerationError`` as :meth:`generate` does."""
+        if self._client is None:
+            raise GenerationError("this OpenAIBackend is closed; create a new one")
+        bodies = [
+            {
+                "model": self.model,
+                "prompt": list(row),
+                "echo": True,
+                "max_tokens": 0,
+                "logprobs": top_logprobs,
+                "temperature": temperature,
+                "return_tokens_as_token_ids": True,
+            }
+            for row in rows
+        ]
+        return self._in_parallel([(self._prompt_logprobs, body) for body in bodies])
+
+    def _prompt_logprobs(self, body: dict, stop: threading.Event) -> dict[str, Any]:
+        url = f"{self.base_url}/completions"
+        data = self._post("completions", body, stop)
+        try:
+            logprobs = data["choices"][0]["logprobs"]
+            if not isinstance(logprobs.get("top_logprobs"), list):
+                raise TypeError("no top_logprobs list")
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            raise GenerationError(
+                f"{url} did not return prompt log-probabilities ({err}); the server must "
+                "support echo with max_tokens=0 and logprobs (potstill serve does)"
+            ) from None
+        return logprobs
+
+    def _in_parallel(self, jobs: list[tuple]) -> list[Any]:
+        """``fn(*args, stop)`` for every ``(fn, *args)`` job, ``concurrency`` at a time, results
+        in job order; the first job that fails for good stops the others and is raised."""
+        if not jobs:
             return []
-        stop = threading.Event()  # set when one prompt has failed: the others give up
+        stop = threading.Event()  # set when one job has failed: the others give up
         pool = ThreadPoolExecutor(
-            max_workers=min(self.concurrency, len(requests)), thread_name_prefix="potstill-http"
+            max_workers=min(self.concurrency, len(jobs)), thread_name_prefix="potstill-http"
         )
         try:
-            futures = [
-                pool.submit(self._complete, path, body, params.n, stop) for path, body in requests
-            ]
+            futures = [pool.submit(fn, *args, stop) for fn, *args in jobs]
             wait(futures, return_when=FIRST_EXCEPTION)
             errors = [f.exception() for f in futures if f.done() and f.exception() is not None]
             for error in errors:  # the first real failure, in prompt order

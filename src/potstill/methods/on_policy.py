@@ -112,6 +112,10 @@ class OnPolicy(Method, name="on_policy"):
     samplers: dict[str, Any] = field(default_factory=dict, repr=False)  # built on first use
     stats: dict[str, Any] = field(default_factory=dict, repr=False)  # since the last pop_stats
 
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd.needs_teacher
+
     def describe(self) -> str:
         mix = f"λ={self.lmbda}" + (", seq_kd" if self.seq_kd else "")
         return (
@@ -218,22 +222,31 @@ class OnPolicy(Method, name="on_policy"):
         labels = batch["labels"]  # (B, T)
         mask = labels != kd.ignore_index  # (B, T)
         student_h = final_hidden(student, batch)[mask]  # (N, H_s)
-        with torch.no_grad():
-            teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
-        sums = kd.objective(student, teacher, student_h, teacher_h, labels[mask])
-        if bool(batch.get("sampled_by_student", False)):
-            # The reverse KL at T=1 on the student's own samples, for the log: the soft term
-            # itself when that is the objective, else one forward-only pass (no gradient work).
+        if kd.sparse:  # a served teacher scores the sampled tokens: its top-k per position
+            ids, logprobs = kd.teacher_rows(batch, mask, "train")  # (N, k)
+
+            def objective(h: Tensor, **override: float | str) -> LossSums:
+                return kd.sparse_objective(student, h, labels[mask], ids, logprobs, **override)
+
+        else:
+            with torch.no_grad():
+                teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
+
+            def objective(h: Tensor, **override: float | str) -> LossSums:
+                return kd.objective(student, teacher, h, teacher_h, labels[mask], **override)
+
+        sums = objective(student_h)
+        # The reverse KL at T=1 on the student's own samples, for the log: the soft term itself
+        # when that is the objective, else one forward-only pass (no gradient work). A served
+        # teacher's log-probabilities are at loss.kd_temperature: no T=1 figure unless T=1.
+        watch = not (kd.sparse and kd.temperature != 1.0)
+        if watch and bool(batch.get("sampled_by_student", False)):
             if kd.kind == "reverse_kl" and kd.temperature == 1.0 and kd.soft_weight:
                 watched = sums.terms["soft"]
             else:
                 with torch.no_grad():
-                    watched = kd.objective(
-                        student,
-                        teacher,
+                    watched = objective(
                         student_h.detach(),
-                        teacher_h,
-                        labels[mask],
                         kind="reverse_kl",
                         temperature=1.0,
                         soft_weight=1.0,
@@ -267,7 +280,10 @@ class OnPolicy(Method, name="on_policy"):
         batches: list[dict[str, Tensor]],
         tokenizer: Any,
     ) -> dict[str, float]:
-        """Reverse KL to the teacher on the student's own samples of the held-out prompts."""
+        """Reverse KL to the teacher on the student's own samples of the held-out prompts, with a
+        live teacher; with a served one, the held-out metrics on its top-k instead."""
+        if self.kd.sparse:
+            return self.kd.evaluate(student, teacher, batches, tokenizer)
         if not self.eval_samples or teacher is None:
             return {}
         sampler = self.sampler("student", student, tokenizer)

@@ -30,6 +30,7 @@ from potstill.losses.rows import chunked_rows, head_logits_fp32
 from potstill.losses.sparse import sparse_distill_sums
 from potstill.methods.base import Method
 from potstill.teachers.cache import CacheReader
+from potstill.teachers.server import ServedTeacher, served_teacher
 
 if TYPE_CHECKING:
     from potstill.recipe import Recipe
@@ -48,17 +49,25 @@ class TokenLevel(Method, name="token_level"):
     compile: bool = False  # fused path: torch.compile the per-chunk softmax work
     chunk_size: int | None = None  # fused path: rows per chunk (None: from a memory budget)
     ignore_index: int = -100
-    cache: str | None = None  # teacher.source=cache: the folder; None: a live teacher
+    cache: str | None = None  # teacher.source=cache: the folder
+    server: ServedTeacher | None = None  # teacher.source=server: its client
     fallback_said: bool = field(default=False, repr=False)  # the naive-fallback note, once
     readers: dict[str, CacheReader] = field(default_factory=dict, repr=False)  # by split
 
     @property
+    def sparse(self) -> bool:
+        """The teacher's top-k come from a cache or a server; no teacher model is loaded."""
+        return self.cache is not None or self.server is not None
+
+    @property
     def needs_teacher(self) -> bool:
-        return self.cache is None
+        return not self.sparse
 
     def describe(self) -> str:
         if self.cache is not None:
             how = f"sparse (top-k teacher cache {self.cache}, no teacher loaded)"
+        elif self.server is not None:
+            how = f"sparse (top-k from {self.server}, no teacher loaded)"
         elif self.path == "fused":
             how = f"fused chunked loss ({'compiled' if self.compile else 'eager'})"
         else:
@@ -70,8 +79,11 @@ class TokenLevel(Method, name="token_level"):
             self.readers[split] = CacheReader(self.cache, split)
         return self.readers[split]
 
-    def cached_rows(self, batch: dict[str, Tensor], mask: Tensor, split: str):
-        """The cache's ``(ids (N, k), log-probs (N, k))`` for the batch's supervised rows."""
+    def teacher_rows(self, batch: dict[str, Tensor], mask: Tensor, split: str):
+        """The teacher's top-k ``(ids (N, k), log-probs (N, k))`` at the batch's supervised
+        rows, from the cache (by example index) or the server (scoring the batch's tokens)."""
+        if self.server is not None:
+            return self.server.rows(batch, mask)
         ids, logprobs = self.reader(split).rows(
             batch["example_index"][:, 0].tolist(), mask.sum(1).tolist()
         )
@@ -92,6 +104,11 @@ class TokenLevel(Method, name="token_level"):
             compile=loss.compile,
             chunk_size=loss.chunk_size,
             cache=r.teacher.cache if r.teacher.source == "cache" else None,
+            server=(
+                served_teacher(r.teacher, r.cache.top_k, loss.kd_temperature)
+                if r.teacher.source == "server"
+                else None
+            ),
         )
 
     def loss(
@@ -100,21 +117,9 @@ class TokenLevel(Method, name="token_level"):
         labels = batch["labels"]  # (B, T), already shifted
         mask = labels != self.ignore_index  # (B, T)
         student_h = final_hidden(student, batch)[mask]  # (N, H_s): only supervised positions
-        if self.cache is not None:
-            ids, logprobs = self.cached_rows(batch, mask, "train")  # (N, k), (N, k)
-            weight, bias = lm_head(student, self.vocab_size)
-            return sparse_distill_sums(
-                student_h,
-                weight,
-                labels[mask],
-                ids,
-                logprobs,
-                chunk_size=self.chunk_size,
-                student_bias=bias,
-                softcap=logit_softcap(student),
-                compile=self.compile,
-                **self.hyper(),
-            )
+        if self.sparse:
+            ids, logprobs = self.teacher_rows(batch, mask, "train")  # (N, k), (N, k)
+            return self.sparse_objective(student, student_h, labels[mask], ids, logprobs)
         with torch.no_grad():
             teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
         return self.objective(student, teacher, student_h, teacher_h, labels[mask])
@@ -131,6 +136,32 @@ class TokenLevel(Method, name="token_level"):
             "ignore_index": self.ignore_index,
             **override,
         }
+
+    def sparse_objective(
+        self,
+        student: nn.Module,
+        student_h: Tensor,
+        labels: Tensor,
+        ids: Tensor,
+        logprobs: Tensor,
+        **override: float | str,
+    ) -> LossSums:
+        """The loss against the teacher's top-k at the supervised rows, summed.
+
+        student_h (N, H_s), labels (N,), ids and logprobs (N, k)."""
+        weight, bias = lm_head(student, self.vocab_size)
+        return sparse_distill_sums(
+            student_h,
+            weight,
+            labels,
+            ids,
+            logprobs,
+            chunk_size=self.chunk_size,
+            student_bias=bias,
+            softcap=logit_softcap(student),
+            compile=self.compile,
+            **self.hyper(**override),
+        )
 
     def objective(
         self,
@@ -182,14 +213,14 @@ class TokenLevel(Method, name="token_level"):
         batches: list[dict[str, Tensor]],
         tokenizer,
     ) -> dict[str, float]:
-        """With a teacher cache (no teacher to run): held-out forward KL to the teacher on the
-        cache's top-k + "other" coarsening, and agreement with the teacher's top-1 token."""
-        if self.cache is None:
+        """With a cache or a served teacher (no teacher model here): held-out forward KL to the
+        teacher on its top-k + "other" coarsening, and agreement with its top-1 token."""
+        if not self.sparse:
             return {}
         kl, agree, rows = 0.0, 0.0, 0
         for batch in batches:
             mask = batch["labels"] != self.ignore_index  # (B, T)
-            ids, logprobs = self.cached_rows(batch, mask, "eval")  # (N, k)
+            ids, logprobs = self.teacher_rows(batch, mask, "eval")  # (N, k)
             hidden = final_hidden(student, batch)[mask]  # (N, H)
             weight, bias = lm_head(student, self.vocab_size)
             sums = sparse_distill_sums(
