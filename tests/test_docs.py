@@ -66,7 +66,7 @@ def _commands_in(text: str) -> list[str]:
     """`potstill …` invocations in shell text (continuations joined, prompts and comments cut)."""
     found = []
     for line in text.replace("\\\n", " ").splitlines():
-        line = line.strip().removeprefix("$ ").split(" #")[0].strip()
+        line = line.strip().removeprefix("$ ").split(" #")[0].strip().removesuffix(" &")
         if line.startswith("#"):
             continue
         match = re.search(r"(?:^|\s|&&\s*|\|\s*)(potstill\s.*)$", line)
