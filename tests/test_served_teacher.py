@@ -113,3 +113,22 @@ def test_training_against_a_served_teacher_loads_no_teacher(served, method, monk
     assert rows[0]["soft"] > 0 and rows[-1]["eval/teacher_kl_topk"] > 0
     if method == "on_policy":
         assert rows[0]["on_policy_fraction"] == 1.0 and rows[0]["own_reverse_kl"] > 0
+
+
+def test_a_cache_written_from_the_server_equals_one_written_in_process(served):
+    from potstill.teachers.cache import CacheReader, iter_rows, read_manifest
+
+    root, _ = served
+    recipe = str(root / "r.yaml")
+    assert main(["cache", recipe, f"teacher.cache={root / 'c_server'}"]) == 0  # source: server
+    assert main(["cache", recipe, "teacher.source=live", f"teacher.cache={root / 'c_live'}"]) == 0
+    served_manifest = read_manifest(root / "c_server")
+    assert served_manifest["teacher"]["server_url"].startswith("http://127.0.0.1")
+    assert served_manifest["teacher"]["weights_sha256"] is None
+    for split in ("train", "eval"):
+        a = list(iter_rows(CacheReader(root / "c_server", split)))
+        b = list(iter_rows(CacheReader(root / "c_live", split)))
+        assert [x[0] for x in a] == [x[0] for x in b] and len(a) > 0
+        for (_, ids_a, lp_a), (_, ids_b, lp_b) in zip(a, b, strict=True):
+            assert torch.equal(ids_a, ids_b)
+            torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=2e-3)  # float16 storage

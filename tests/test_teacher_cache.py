@@ -3,6 +3,7 @@ mismatch and corruption path, and training from a cache with no teacher loaded."
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,8 +58,9 @@ def test_round_trip_returns_what_the_teacher_says(tmp_path, tiny_chat_lm):
     model, tokenizer = tiny_chat_lm
     examples, _ = tokenize_records(RECORDS, tokenizer, max_length=32)
     settings = CaptureSettings(top_k=5, shard_positions=15, batch_size=4)
+    score = functools.partial(top_k_rows, model, vocab_size=len(tokenizer), settings=settings)
     shards = write_split(
-        model, examples, tmp_path, "train", pad_token_id=tokenizer.pad_token_id,
+        score, examples, tmp_path, "train", pad_token_id=tokenizer.pad_token_id,
         vocab_size=len(tokenizer), settings=settings,
     )  # fmt: skip
     assert len(shards) > 2 and shards[-1]["end"] == len(examples)

@@ -1,6 +1,7 @@
 """``potstill cache RECIPE``: run the teacher once over the recipe's training and held-out data
 and write its top-k log-probabilities to ``teacher.cache`` (format:
 :mod:`potstill.teachers.cache`). Training with ``teacher.source=cache`` then loads no teacher.
+The teacher runs in this process, or, with ``teacher.source=server``, a server scores the data.
 
 Resumable: re-running the same command after a kill keeps the shards the ledger vouches for and
 writes the rest; the finished cache equals an uninterrupted run's byte for byte.
@@ -9,6 +10,7 @@ writes the rest; the finished cache equals an uninterrupted run's byte for byte.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from potstill.errors import RecipeError
-from potstill.models import check_vocab_compatible, load_model, load_tokenizer
+from potstill.models import check_vocab_compatible, load_config, load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import Recipe
 from potstill.teachers.cache import (
@@ -28,7 +30,8 @@ from potstill.teachers.cache import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
-from potstill.teachers.writer import CaptureSettings, write_manifest, write_split
+from potstill.teachers.server import served_teacher
+from potstill.teachers.writer import CaptureSettings, top_k_rows, write_manifest, write_split
 from potstill.utils import autocast_dtype, default_device_type, pad_token_id
 
 SETTINGS = "settings.json"  # what a partial cache was started with
@@ -41,6 +44,7 @@ def run_cache(r: Recipe) -> dict[str, Any]:
     if not r.teacher.cache:
         raise RecipeError("`potstill cache` writes to teacher.cache: set it to a folder")
     out = Path(r.teacher.cache)
+    served = r.teacher.source == "server"  # else the teacher model runs here
     live = dataclasses.replace(r, teacher=dataclasses.replace(r.teacher, source="live"))
     settings = CaptureSettings(
         top_k=r.cache.top_k,
@@ -50,13 +54,14 @@ def run_cache(r: Recipe) -> dict[str, Any]:
         batch_size=r.cache.batch_size,
         chunk_size=r.loss.chunk_size,
         # the teacher computes as it would in this recipe's training (train.precision)
-        autocast=_autocast_name(r.train.precision),
+        autocast=None if served else _autocast_name(r.train.precision),
     )
     source = r.student.model or r.teacher.model  # the tokenizer training reads the data with
     tokenizer = load_tokenizer(source, trust_remote_code=r.student.trust_remote_code)
     data = load_data(live, tokenizer)
     started = {
         "teacher": r.teacher.model,
+        "server": r.teacher.server_url if served else None,
         "settings": dataclasses.asdict(settings),
         "train": examples_fingerprint(data.train),
         "eval": examples_fingerprint(data.eval),
@@ -66,19 +71,30 @@ def run_cache(r: Recipe) -> dict[str, Any]:
         print(f"teacher cache at {out} is complete")
         return json.loads((out / MANIFEST).read_text())
 
-    teacher = load_model(
-        r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
-    )
-    teacher.requires_grad_(False).eval()
     device = torch.device(default_device_type())
-    teacher.to(device)
-    rows = teacher.get_output_embeddings().weight.shape[0]
     teacher_tokenizer = load_tokenizer(
         r.teacher.model, trust_remote_code=r.teacher.trust_remote_code
     )
+    if served:  # the server scores; its model's config says how many rows its head has
+        teacher = None
+        rows = load_config(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
+        rows = rows.vocab_size
+        server = served_teacher(r.teacher, settings.top_k, settings.temperature)
+
+        def score(batch: dict) -> tuple:
+            return server.rows(batch, batch["labels"] != -100)
+
+    else:
+        teacher = load_model(
+            r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
+        )
+        teacher.requires_grad_(False).eval().to(device)
+        rows = teacher.get_output_embeddings().weight.shape[0]
     vocab_size = check_vocab_compatible(
         teacher_tokenizer, tokenizer, teacher_vocab_rows=rows, student_vocab_rows=rows
     )
+    if not served:
+        score = functools.partial(top_k_rows, teacher, vocab_size=vocab_size, settings=settings)
     splits: dict[str, Any] = {}
     bytes_per_position = settings.top_k * (
         (2 if vocab_size <= 1 << 16 else 4) + torch.finfo(getattr(torch, settings.dtype)).bits // 8
@@ -92,7 +108,7 @@ def run_cache(r: Recipe) -> dict[str, Any]:
                 bar.set_postfix(split=split, bytes_per_token=bytes_per_position)
 
             shards = write_split(
-                teacher,
+                score,
                 examples,
                 out,
                 split,
@@ -115,9 +131,10 @@ def run_cache(r: Recipe) -> dict[str, Any]:
         "version": VERSION,
         "teacher": {
             "model": r.teacher.model,
-            "dtype": r.teacher.dtype,
+            "dtype": None if served else r.teacher.dtype,
             "autocast": settings.autocast,  # the compute dtype of its forward passes, if not fp32
-            "weights_sha256": weights_fingerprint(teacher),
+            "server_url": r.teacher.server_url if served else None,
+            "weights_sha256": None if served else weights_fingerprint(teacher),
         },
         **tokenizer_fingerprint(tokenizer),
         "vocab_size": vocab_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,7 @@ def top_k_rows(
 
 
 def write_split(
-    teacher: nn.Module,
+    score: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]],
     examples: Sequence[Example],
     out: Path,
     split: str,
@@ -100,7 +100,9 @@ def write_split(
     device: torch.device | str = "cpu",
     on_batch: Any = None,
 ) -> list[dict[str, Any]]:
-    """Write (or finish writing) one split's shards; returns their ledger entries.
+    """Write (or finish writing) one split's shards; returns their ledger entries. ``score``
+    gives the teacher's top-k ``(ids, log-probs)`` at a collated batch's supervised positions
+    (:func:`top_k_rows` of a model here, or a served teacher's ``rows``).
 
     Batches are consecutive examples and shards whole batches, so a resumed writer, which starts
     at the first shard the ledger does not vouch for, forms the same batches an uninterrupted one
@@ -124,7 +126,7 @@ def write_split(
             key: value.to(device)
             for key, value in collate(chunk, pad_token_id=pad_token_id).items()
         }
-        ids, top = top_k_rows(teacher, batch, vocab_size=vocab_size, settings=settings)
+        ids, top = score(batch)  # (P, k), (P, k) at the batch's supervised positions
         ids_parts.append(ids.cpu().to(id_dtype))
         lp_parts.append(top.cpu().to(DTYPES[settings.dtype]))
         counts += (batch["labels"] != -100).sum(1).tolist()
