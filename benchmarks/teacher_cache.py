@@ -10,6 +10,7 @@ teacher KL relative to the dense student's; speed is training tokens/s (non-padd
 over the whole run, evaluation excluded).
 
     python benchmarks/teacher_cache.py                           # k = 4 8 16 32, 40,000 tokens
+    python benchmarks/teacher_cache.py --k 16 --seeds 0 1 2      # the spread between seeds
     python benchmarks/teacher_cache.py --k 8 16 --tokens 80000 --dtype bfloat16
 """
 
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=40_000, help="training budget per run")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each run")
     args = parser.parse_args()
     from potstill.cache import run_cache
     from potstill.models import load_model
@@ -126,36 +128,53 @@ def main() -> None:
     cache_seconds = time.perf_counter() - t0
     positions = sum(e["positions"] for e in manifest["splits"].values())
 
-    rows = []
-    live = recipe(args.tokens, args.precision, f"train.output_dir={OUT / 'live'}")
-    models, data, result = train_one(live, teacher)
-    metrics = held_out(models, data, live, teacher)
-    rows.append(("live teacher (dense)", None, result, metrics))
-    for k in sorted(args.k):
-        folder = biggest if k == max(args.k) else OUT / f"cache_k{k}"
-        m = manifest if k == max(args.k) else derive(biggest, k, folder)
-        r = recipe(args.tokens, args.precision, "teacher.source=cache", f"teacher.cache={folder}",
-                   f"train.output_dir={OUT / f'k{k}'}")  # fmt: skip
-        models, data, result = train_one(r, None)
-        metrics = held_out(models, data, r, teacher)
-        rows.append((f"cache k={k} {args.dtype}", m["bytes_per_position"], result, metrics))
+    runs: dict[str, list] = {}  # signal -> [(bytes/position, result, metrics) per seed]
+    for seed in args.seeds:
+        live = recipe(args.tokens, args.precision, f"train.output_dir={OUT / 'live'}",
+                      f"train.seed={seed}")  # fmt: skip
+        models, data, result = train_one(live, teacher)
+        runs.setdefault("live teacher (dense)", []).append(
+            (None, result, held_out(models, data, live, teacher))
+        )
+        for k in sorted(args.k):
+            folder = biggest if k == max(args.k) else OUT / f"cache_k{k}"
+            if not (folder / "manifest.json").is_file():
+                derive(biggest, k, folder)
+            m = json.loads((folder / "manifest.json").read_text())
+            r = recipe(args.tokens, args.precision, "teacher.source=cache",
+                       f"teacher.cache={folder}", f"train.output_dir={OUT / f'k{k}'}",
+                       f"train.seed={seed}")  # fmt: skip
+            models, data, result = train_one(r, None)
+            runs.setdefault(f"cache k={k} {args.dtype}", []).append(
+                (m["bytes_per_position"], result, held_out(models, data, r, teacher))
+            )
 
-    dense_kl = rows[0][3]["teacher_kl"]
-    live_speed = rows[0][2].tokens / rows[0][2].seconds
+    dense = runs["live teacher (dense)"]
     print(f"\nCPU: {cpu_name()}; torch {torch.__version__}; precision {args.precision}")
     print(f"cache written: {positions:,} positions in {cache_seconds:.1f} s "
           f"({positions / cache_seconds:,.0f} positions/s, teacher forward included)")  # fmt: skip
-    print(f"training: {rows[0][2].steps} steps of {args.tokens:,}-token budget, forward KL, "
-          "same seed; held-out: 48 problems, dense teacher\n")  # fmt: skip
-    print("| teacher signal | bytes/position | teacher KL | vs dense | top-1 | tokens/s | speed |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, bpp, result, metrics in rows:
-        speed = result.tokens / result.seconds
-        kl = metrics["teacher_kl"]
+    print(f"training: {dense[0][1].steps} steps of a {args.tokens:,}-token budget, forward KL, "
+          f"seeds {args.seeds} (data order); held-out: 48 problems, dense teacher\n")  # fmt: skip
+    print("| teacher signal | bytes/position | teacher KL (mean) | vs dense, per seed | mean "
+          "| top-1 | tokens/s | speed |")  # fmt: skip
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for name, seeds in runs.items():
+        rel = [
+            100 * (m["teacher_kl"] / d[2]["teacher_kl"] - 1)
+            for (_, _, m), d in zip(seeds, dense, strict=True)
+        ]
+        speed = [
+            r.tokens / r.seconds / (d[1].tokens / d[1].seconds)
+            for (_, r, _), d in zip(seeds, dense, strict=True)
+        ]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        bpp = seeds[0][0]
         print(
-            f"| {name} | {'' if bpp is None else f'{bpp:.1f}'} | {kl:.4f} | "
-            f"{100 * (kl / dense_kl - 1):+.2f}% | {100 * metrics['top1_agreement']:.1f}% | "
-            f"{speed:.0f} | {speed / live_speed:.2f}x |"
+            f"| {name} | {'' if bpp is None else f'{bpp:.1f}'} | "
+            f"{mean([m['teacher_kl'] for _, _, m in seeds]):.4f} | "
+            f"{', '.join(f'{x:+.2f}%' for x in rel)} | {mean(rel):+.2f}% | "
+            f"{100 * mean([m['top1_agreement'] for _, _, m in seeds]):.1f}% | "
+            f"{mean([r.tokens / r.seconds for _, r, _ in seeds]):.0f} | {mean(speed):.2f}x |"
         )
 
 
