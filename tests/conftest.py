@@ -76,6 +76,19 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_pair_dirs(tmp_path_factory, tiny_chat_lm, tiny_llama):
+    """A folder with ``teacher/`` (tiny_chat_lm) and ``student/`` (a 2-layer tiny Llama over the
+    same tokenizer) saved as Hugging Face model folders, for runs that load models by path."""
+    root = tmp_path_factory.mktemp("pair")
+    model, tokenizer = tiny_chat_lm
+    model.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    tiny_llama(len(tokenizer), layers=2, seed=5).save_pretrained(root / "student")
+    tokenizer.save_pretrained(root / "student")
+    return root
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer, read from the bundled GGUF (no model, no network).
 

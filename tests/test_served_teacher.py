@@ -25,18 +25,15 @@ RECORDS = [{"prompt": f"{a}*{b}=", "completion": f" {a * b}"} for a in range(2, 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_chat_lm, tiny_llama):
-    """(folder, base_url): the tiny teacher saved and served under its folder's name, a student,
+def served(tmp_path_factory, tiny_chat_lm, tiny_pair_dirs):
+    """(folder, base_url): the saved tiny teacher served under its folder's name, the student,
     data and a recipe."""
     import uvicorn
 
     root = tmp_path_factory.mktemp("served")
     model, tokenizer = tiny_chat_lm
-    model.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    student = tiny_llama(len(tokenizer), layers=2, seed=3)
-    student.save_pretrained(root / "student")
-    tokenizer.save_pretrained(root / "student")
+    for name in ("teacher", "student"):
+        (root / name).symlink_to(tiny_pair_dirs / name)
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

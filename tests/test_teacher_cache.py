@@ -26,15 +26,11 @@ RECORDS = [{"prompt": f"{a}+{b}=", "completion": f" {a + b}"} for a in range(12)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tiny_chat_lm, tiny_llama):
-    """A tiny teacher and a 2-layer student saved to disk, data, and a recipe reading them."""
+def folder(tmp_path_factory, tiny_pair_dirs):
+    """The saved tiny teacher and student, data, and a recipe reading them."""
     root = tmp_path_factory.mktemp("cache")
-    model, tokenizer = tiny_chat_lm
-    model.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    student = tiny_llama(len(tokenizer), layers=2, seed=5)
-    student.save_pretrained(root / "student")
-    tokenizer.save_pretrained(root / "student")
+    for name in ("teacher", "student"):
+        (root / name).symlink_to(tiny_pair_dirs / name)
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:20]))
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS[20:]))
     (root / "r.yaml").write_text(
