@@ -129,3 +129,12 @@ def test_a_cache_written_from_the_server_equals_one_written_in_process(served):
         for (_, ids_a, lp_a), (_, ids_b, lp_b) in zip(a, b, strict=True):
             assert torch.equal(ids_a, ids_b)
             torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=2e-3)  # float16 storage
+
+
+def test_check_probes_the_server(served, capsys):
+    root, _ = served
+    assert main(["check", str(root / "r.yaml")]) == 0
+    assert "serves" in capsys.readouterr().out
+    assert main(["check", str(root / "r.yaml"), "teacher.server_url=http://127.0.0.1:9/v1"]) == 2
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:9/v1 does not answer" in err and "Traceback" not in err

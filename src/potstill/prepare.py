@@ -71,6 +71,8 @@ def preflight(r: Recipe) -> dict[str, Any]:
             + f", {manifest['bytes_per_position']:.1f} bytes/position"
         )
         return report
+    if r.teacher.source == "server":
+        report["teacher_server"] = _probe_server(r.teacher.server_url, r.teacher.model)
     if r.teacher.model and _method(r).needs_teacher:
         teacher_tok = load_tokenizer(r.teacher.model, trust_remote_code=r.teacher.trust_remote_code)
         if not _method(r).shared_vocabulary:
@@ -102,6 +104,30 @@ def _method(r: Recipe) -> MethodInfo:
 def loads_teacher(r: Recipe) -> bool:
     """Whether a run loads the teacher model: its method needs one, and the signal is live."""
     return _method(r).needs_teacher and r.teacher.source == "live"
+
+
+def _probe_server(url: str, model: str) -> str:
+    """``GET {url}/models``: the served teacher answers and lists ``model``, or a GenerationError
+    that names the URL and what to do."""
+    import httpx
+
+    from potstill.errors import GenerationError
+
+    try:
+        response = httpx.get(url.rstrip("/") + "/models", timeout=10)
+        response.raise_for_status()
+        names = [m.get("id") for m in response.json().get("data", [])]
+    except (httpx.HTTPError, ValueError, AttributeError) as err:
+        raise GenerationError(
+            f"the teacher server at {url} does not answer GET /models ({type(err).__name__}); "
+            "start it (e.g. `potstill serve MODEL`) or fix teacher.server_url"
+        ) from None
+    if names and model not in names:
+        raise GenerationError(
+            f"the teacher server at {url} serves {', '.join(map(str, names))}, not "
+            f"teacher.model={model!r}; set teacher.model to the served name"
+        )
+    return f"{url} serves {model}"
 
 
 def _cache_manifest(r: Recipe, tokenizer: Any) -> dict[str, Any]:
