@@ -63,6 +63,14 @@ def mix(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
     return total
 
 
+def weighted_sums(terms: dict[str, Tensor], weights: dict[str, float], like: Tensor) -> LossSums:
+    """``LossSums`` of unweighted term sums and their weights (:func:`mix`, terms detached for
+    the log); with no term, a zero still tied to ``like``'s graph, so backward runs."""
+    if not terms:
+        return LossSums(like.sum().float() * 0.0)
+    return LossSums(mix(terms, weights), {k: v.detach() for k, v in terms.items()})
+
+
 def step_normalizer(valid_tokens: Tensor | int, num_processes: int = 1) -> Tensor:
     """The divisor of one optimizer step's micro-batch sums: its valid tokens over all
     micro-batches and processes, at least 1, divided by the number of processes (DDP averages
@@ -121,9 +129,7 @@ def distillation_sums(
     if hard_weight != 0.0:
         per_token = cross_entropy(student_logits, labels, ignore_index=ignore_index)  # (…)
         terms[HARD], weights[HARD] = masked_sum(per_token, mask), hard_weight
-    if not terms:
-        return LossSums(student_logits.new_zeros((), dtype=torch.float32) * student_logits.sum())
-    return LossSums(mix(terms, weights), {k: v.detach() for k, v in terms.items()})
+    return weighted_sums(terms, weights, student_logits)
 
 
 def distillation_loss(

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from potstill.losses.divergences import check_divergence_args, pointwise_divergence
 from potstill.losses.fused import fused_distill_sums
-from potstill.losses.objective import HARD, SOFT, LossSums, mix
+from potstill.losses.objective import HARD, SOFT, LossSums, weighted_sums
 from potstill.losses.rows import (
     chunked_rows,
     head_logits_fp32,
@@ -116,6 +116,4 @@ def sparse_distill_sums(
         terms[SOFT], weights[SOFT] = soft.sum(), soft_weight
     if hard_weight:
         terms[HARD], weights[HARD] = hard.sum(), hard_weight
-    if not terms:
-        return LossSums(student_hidden.sum() * 0.0)
-    return LossSums(mix(terms, weights), {k: v.detach() for k, v in terms.items()})
+    return weighted_sums(terms, weights, student_hidden)
