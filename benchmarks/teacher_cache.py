@@ -1,8 +1,10 @@
 """Training from a teacher cache against the live teacher, on the demo pair, in one process.
 
-Writes one cache of the bundled SmolLM2-135M-Instruct teacher at the largest ``--k`` over the
-recipe's data (timed: cache tokens/s), derives the smaller-k caches from it (the top-k columns of a
-descending top-K are what a capture at k writes), then trains the 6-layer pruned student with
+Writes one cache of the bundled SmolLM2-135M-Instruct teacher at the largest ``--k`` (or
+``--coverage`` cap) over the recipe's data (timed: cache tokens/s), derives the smaller-k caches
+from it (the top-k columns of a descending top-K are what a capture at k writes) and the
+mass-coverage caches (each position's shortest prefix reaching the coverage, as ``potstill cache``
+with ``cache.coverage`` writes it), then trains the 6-layer pruned student with
 forward KL at equal steps and seed: once from the live teacher (dense, fused) and once from each
 cache (sparse, no teacher in the step). Every student is then measured against the live teacher
 on the held-out set (dense teacher KL, top-1 agreement). Fidelity is a cache student's held-out
@@ -12,35 +14,23 @@ over the whole run, evaluation excluded).
     python benchmarks/teacher_cache.py                           # k = 4 8 16 32, 40,000 tokens
     python benchmarks/teacher_cache.py --k 16 --seeds 0 1 2      # the spread between seeds
     python benchmarks/teacher_cache.py --k 8 16 --tokens 80000 --dtype bfloat16
+    python benchmarks/teacher_cache.py --k 16 --coverage 0.95:64 0.98:32   # coverage:cap
+    python benchmarks/teacher_cache.py --k 16 --tail 8:14 4:7              # top-k + tail samples
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from _pair import cpu_name, held_out, train_one  # the demo pair's helpers (benchmarks/_pair.py)
 from safetensors.torch import load_file, save_file
 
 OUT = Path("runs/bench_teacher_cache")
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line
-        )
-        flags = next(line for line in out.splitlines() if line.startswith("Flags"))
-        extras = [f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in flags.split()]
-        return f"{name} ({', '.join(extras)})"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def recipe(tokens: int, precision: str, *extra: str):
@@ -55,9 +45,10 @@ def recipe(tokens: int, precision: str, *extra: str):
     )  # fmt: skip
 
 
-def derive(source: Path, k: int, out: Path) -> dict:
-    """The cache ``source`` cut to its first ``k`` columns, written to ``out``."""
-    from potstill.teachers.cache import sha256_file
+def derive(source: Path, k: int, out: Path, coverage: float | None = None) -> dict:
+    """The cache ``source`` cut to its first ``k`` columns, or with ``coverage`` to each
+    position's shortest prefix (of at most ``k``) reaching that mass, written to ``out``."""
+    from potstill.teachers.cache import coverage_counts, sha256_file
     from potstill.teachers.writer import write_manifest
 
     shutil.rmtree(out, ignore_errors=True)
@@ -67,43 +58,23 @@ def derive(source: Path, k: int, out: Path) -> dict:
     for entry in manifest["splits"].values():
         for shard in entry["shards"]:
             tensors = load_file(str(source / shard["file"]))
-            tensors["ids"] = tensors["ids"][:, :k].contiguous()
-            tensors["logprobs"] = tensors["logprobs"][:, :k].contiguous()
+            ids, lps = tensors["ids"][:, :k], tensors["logprobs"][:, :k]  # (P, k)
+            if coverage is not None:  # as the writer does: from the stored values
+                counts = coverage_counts(lps, coverage)  # (P,)
+                keep = torch.arange(k) < counts[:, None]
+                ids, lps = ids[keep], lps[keep]
+                tensors["counts"] = counts.to(torch.uint8 if k < 256 else torch.int16)
+                shard["entries"] = ids.numel()
+            tensors["ids"], tensors["logprobs"] = ids.contiguous(), lps.contiguous()
             save_file(tensors, str(out / shard["file"]))
             shard["bytes"] = (out / shard["file"]).stat().st_size
             shard["sha256"] = sha256_file(out / shard["file"])
             total_bytes += shard["bytes"]
         entry["bytes"] = sum(s["bytes"] for s in entry["shards"])
     positions = sum(e["positions"] for e in manifest["splits"].values())
-    manifest.update(top_k=k, bytes_per_position=total_bytes / positions)
+    manifest.update(top_k=k, coverage=coverage, bytes_per_position=total_bytes / positions)
     write_manifest(out, manifest)
     return manifest
-
-
-def train_one(r, teacher):
-    from potstill.methods import build_method
-    from potstill.prepare import load_data, load_models
-    from potstill.train import train
-
-    models = load_models(r, teacher=teacher if r.teacher.source == "live" else None)
-    method = build_method(r, vocab_size=models.vocab_size)
-    data = load_data(r, models.tokenizer, method)
-    result = train(
-        r, method, student=models.student, tokenizer=models.tokenizer, train_examples=data.train,
-        teacher=models.teacher, vocab_size=models.vocab_size,
-    )  # fmt: skip
-    return models, data, result
-
-
-def held_out(models, data, r, teacher) -> dict[str, float]:
-    """The student against the live (dense) teacher on the held-out set."""
-    from potstill.evaluate import evaluate
-    from potstill.train import fixed_batches
-    from potstill.utils import autocast_dtype, pad_token_id
-
-    batches = fixed_batches(data.eval, batch_size=4, pad_id=pad_token_id(models.tokenizer))
-    return evaluate(models.student, batches, teacher=teacher, vocab_size=models.vocab_size,
-                    autocast_dtype=autocast_dtype(r.train.precision))  # fmt: skip
 
 
 def main() -> None:
@@ -113,20 +84,48 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each run")
+    parser.add_argument(
+        "--coverage",
+        nargs="*",
+        default=[],
+        metavar="COVERAGE[:CAP]",
+        help="also train from mass-coverage caches, e.g. 0.95:64 (at most CAP entries a "
+        "position, 64 if not given)",
+    )
+    parser.add_argument(
+        "--tail",
+        nargs="*",
+        default=[],
+        metavar="K:M",
+        help="also train from caches of the top K plus M tokens sampled from the rest "
+        "(cache.tail_samples; each written by its own teacher pass)",
+    )
     args = parser.parse_args()
+    tails = [tuple(int(x) for x in spec.split(":")) for spec in args.tail]
+    coverages = [(float(c.split(":")[0]), int(c.split(":")[1]) if ":" in c else 64)
+                 for c in args.coverage]  # fmt: skip
+    largest = max(args.k + [cap for _, cap in coverages])
     from potstill.cache import run_cache
     from potstill.models import load_model
 
     torch.manual_seed(0)
     teacher = load_model("bundled:smollm2-135m-instruct").eval().requires_grad_(False)
-    biggest = OUT / f"cache_k{max(args.k)}"
+    biggest = OUT / f"cache_k{largest}"
     shutil.rmtree(OUT, ignore_errors=True)
     cache_recipe = recipe(args.tokens, args.precision, f"teacher.cache={biggest}",
-                          f"cache.top_k={max(args.k)}", f"cache.dtype={args.dtype}")  # fmt: skip
+                          f"cache.top_k={largest}", f"cache.dtype={args.dtype}")  # fmt: skip
     t0 = time.perf_counter()
     manifest = run_cache(cache_recipe)
     cache_seconds = time.perf_counter() - t0
     positions = sum(e["positions"] for e in manifest["splits"].values())
+    for k, m in tails:  # tail draws need the whole distribution: a teacher pass each
+        run_cache(recipe(args.tokens, args.precision, f"teacher.cache={OUT / f'cache_k{k}_t{m}'}",
+                         f"cache.top_k={k}", f"cache.tail_samples={m}",
+                         f"cache.dtype={args.dtype}"))  # fmt: skip
+    for k, m in tails:  # tail draws need the whole distribution: a teacher pass each
+        run_cache(recipe(args.tokens, args.precision, f"teacher.cache={OUT / f'cache_k{k}_t{m}'}",
+                         f"cache.top_k={k}", f"cache.tail_samples={m}",
+                         f"cache.dtype={args.dtype}"))  # fmt: skip
 
     runs: dict[str, list] = {}  # signal -> [(bytes/position, result, metrics) per seed]
     for seed in args.seeds:
@@ -136,16 +135,25 @@ def main() -> None:
         runs.setdefault("live teacher (dense)", []).append(
             (None, result, held_out(models, data, live, teacher))
         )
-        for k in sorted(args.k):
-            folder = biggest if k == max(args.k) else OUT / f"cache_k{k}"
+        variants = [(k, None) for k in sorted(args.k)]
+        variants += [(cap, c) for c, cap in coverages]
+        variants += [(k, f"t{m}") for k, m in tails]
+        for k, coverage in variants:
+            if isinstance(coverage, str):  # top-k + tail samples
+                tag, name = f"k{k}_{coverage}", f"cache k={k} + {coverage[1:]} tail samples"
+            elif coverage is None:
+                tag, name = f"k{k}", f"cache k={k}"
+            else:
+                tag, name = f"cov{coverage}_k{k}", f"cache coverage {coverage}, k≤{k}"
+            folder = biggest if tag == f"k{largest}" else OUT / f"cache_{tag}"
             if not (folder / "manifest.json").is_file():
-                derive(biggest, k, folder)
+                derive(biggest, k, folder, coverage)
             m = json.loads((folder / "manifest.json").read_text())
             r = recipe(args.tokens, args.precision, "teacher.source=cache",
-                       f"teacher.cache={folder}", f"train.output_dir={OUT / f'k{k}'}",
+                       f"teacher.cache={folder}", f"train.output_dir={OUT / tag}",
                        f"train.seed={seed}")  # fmt: skip
             models, data, result = train_one(r, None)
-            runs.setdefault(f"cache k={k} {args.dtype}", []).append(
+            runs.setdefault(f"{name} {args.dtype}", []).append(
                 (m["bytes_per_position"], result, held_out(models, data, r, teacher))
             )
 

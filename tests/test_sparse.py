@@ -71,6 +71,40 @@ def test_sparse_loss_and_gradients_match_the_naive_coarsening(kind, temperature,
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cap", [None, 3.0], ids=["fused", "softcap-checkpointed"])
+def test_ragged_rows_padded_with_absent_entries_equal_each_row_at_its_own_k(kind, cap):
+    """A coverage-rule cache keeps k_i entries in row i; padded to max k with −inf and a repeated
+    id, the loss and gradients equal the sum of each row's own k_i-entry coarsening."""
+    hs, w, t_logits, labels, _ = problem(n=6, k=6, seed=4)
+    keep = labels != -100
+    hs_k, labels_k = hs[keep], labels[keep]  # (n, H), (n,)
+    log_p = torch.log_softmax(t_logits[keep], -1)
+    top, ids = log_p.topk(6, -1)  # (n, 6)
+    counts = torch.tensor([1, 3, 6, 2, 5])[: labels_k.shape[0]]
+    present = torch.arange(6) < counts[:, None]
+    pad_ids = torch.where(present, ids, ids[:, :1])  # absent: the row's first id again
+    pad_lp = torch.where(present, top, float("-inf"))
+    kw = dict(kind=kind, temperature=2.0, hard_weight=0.2, softcap=cap)
+    sums = sparse_distill_sums(hs_k, w, labels_k, pad_ids, pad_lp, **kw)
+    grads = torch.autograd.grad(sums.loss, (hs, w))
+    ref = sum(
+        sparse_distill_sums(
+            hs[keep][i : i + 1],
+            w,
+            labels_k[i : i + 1],
+            ids[i : i + 1, :c],
+            top[i : i + 1, :c],
+            **kw,
+        ).loss
+        for i, c in enumerate(counts.tolist())
+    )
+    ref_grads = torch.autograd.grad(ref, (hs, w))
+    torch.testing.assert_close(sums.loss, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_with_every_entry_kept_the_sparse_loss_is_the_dense_one(kind):
     hs, w, t_logits, labels, _ = problem(k=30)
     v = w.shape[0]
@@ -117,3 +151,70 @@ def test_compiled_sparse_matches_eager():
         out.append((sums.loss, *torch.autograd.grad(sums.loss, (hs, w))))
     for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def tail_samples(t_logits, ids, m, temperature=1.0, seed=0):
+    """m draws per row from the teacher's distribution outside ``ids``, and that tail's entropy."""
+    p = torch.softmax(t_logits / temperature, -1).scatter(1, ids, 0.0)  # (n, V) the tail
+    tail = p / p.sum(-1, keepdim=True)
+    draws = torch.multinomial(
+        tail, m, replacement=True, generator=torch.Generator().manual_seed(seed)
+    )
+    entropy = -(tail * tail.clamp_min(1e-30).log()).sum(-1)
+    return draws, entropy
+
+
+@pytest.mark.parametrize("cap", [None, 3.0], ids=["fused", "softcap-checkpointed"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_tail_samples_add_the_sampled_tail_kl_exactly(cap, temperature):
+    """Loss and gradients against a naive [N, V] evaluation of coarse KL + T²·P_o·(−H(p̃) −
+    mean log q̃(samples))."""
+    hs, w, t_logits, labels, k = problem()
+    keep = labels != -100
+    ref, ids, top = naive(hs, w, t_logits, labels, k, kind="forward_kl", temperature=temperature,
+                          hard=0.3, cap=cap)  # fmt: skip
+    draws, entropy = tail_samples(t_logits[keep], ids, m=7, temperature=temperature)
+    logits = hs @ w.T if cap is None else cap * torch.tanh((hs @ w.T) / cap)
+    log_q = torch.log_softmax(logits[keep] / temperature, -1)  # (n, V)
+    rest = torch.ones_like(log_q, dtype=torch.bool).scatter(1, ids, False)
+    log_q_other = torch.where(rest, log_q, float("-inf")).logsumexp(-1)  # (n,)
+    p_other = 1 - top.exp().sum(-1)  # (n,)
+    cross = -(log_q.gather(1, draws) - log_q_other[:, None]).mean(-1)
+    ref = ref + (temperature**2 * p_other * (cross - entropy)).sum()
+    ref_grads = torch.autograd.grad(ref, (hs, w))
+    sums = sparse_distill_sums(
+        hs[keep], w, labels[keep], ids, top, teacher_tail=draws, teacher_tail_entropy=entropy,
+        temperature=temperature, hard_weight=0.3, softcap=cap,
+    )  # fmt: skip
+    grads = torch.autograd.grad(sums.loss, (hs, w))
+    torch.testing.assert_close(sums.loss, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="forward KL only"):
+        sparse_distill_sums(hs[keep], w, labels[keep], ids, top, teacher_tail=draws,
+                            teacher_tail_entropy=entropy, kind="reverse_kl")  # fmt: skip
+
+
+def test_tail_samples_make_the_sparse_kl_an_unbiased_estimate_of_the_dense_one():
+    """With many samples the sparse loss and gradient approach the dense forward KL's; the top-k
+    coarsening alone is biased (it ignores the tail's shape)."""
+    hs, w, t_logits, labels, k = problem(n=6, v=60, k=4, seed=5)
+    keep = labels != -100
+    hs_k, labels_k = hs[keep].detach().requires_grad_(), labels[keep]
+    log_p = torch.log_softmax(t_logits[keep], -1)
+    top, ids = log_p.topk(k, -1)
+    dense = divergence(hs_k @ w.T, t_logits[keep], "forward_kl").sum()
+    dense_grad = torch.autograd.grad(dense, hs_k)[0]
+    errors = {}
+    for name, extra in [("coarse", {}), ("sampled", None)]:
+        if extra is None:
+            draws, entropy = tail_samples(t_logits[keep], ids, m=200_000, seed=1)
+            extra = {"teacher_tail": draws, "teacher_tail_entropy": entropy}
+        sums = sparse_distill_sums(hs_k, w, labels_k, ids, top, **extra)
+        grad = torch.autograd.grad(sums.loss, hs_k)[0]
+        errors[name] = (
+            abs(float(sums.loss.detach() - dense.detach())),
+            float((grad - dense_grad).norm()),
+        )
+    assert errors["sampled"][0] < 0.01 * float(dense) < errors["coarse"][0]
+    assert errors["sampled"][1] < 0.2 * errors["coarse"][1]

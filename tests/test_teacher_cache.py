@@ -76,32 +76,106 @@ def test_round_trip_returns_what_the_teacher_says(tmp_path, tiny_chat_lm):
         reader.rows([5], [counts[0] + 1])
 
 
-def test_cache_then_train_without_a_teacher(folder, monkeypatch, capsys):
-    assert main(["cache", str(folder / "r.yaml")]) == 0
-    manifest = read_manifest(folder / "c")
-    assert manifest["top_k"] == 4 and manifest["bytes_per_position"] > 4 * 4
-    assert len(manifest["splits"]["train"]["shards"]) >= 2
-    assert main(["check", str(folder / "r.yaml"), "teacher.source=cache"]) == 0
-    assert "teacher_cache" in capsys.readouterr().out
+def test_a_coverage_rule_keeps_the_fewest_entries_reaching_the_mass(tmp_path, tiny_chat_lm):
+    """Ragged shards: each position keeps the shortest prefix of its top-k whose mass reaches the
+    coverage; read back, rows are padded with absent entries (−inf, the row's first id)."""
+    _, tokenizer = tiny_chat_lm
+    examples, _ = tokenize_records(RECORDS, tokenizer, max_length=32)
+    settings = CaptureSettings(top_k=12, coverage=0.6, shard_positions=15, batch_size=4)
 
-    import potstill.prepare as prepare
+    def score(batch):  # a teacher peaked at some positions and flat at others, by its tokens
+        mask = batch["labels"] != -100
+        scale = 0.5 + batch["input_ids"][mask].float() % 7  # (P,)
+        g = torch.Generator().manual_seed(int(batch["input_ids"].sum()))
+        logits = torch.randn(int(mask.sum()), 100, generator=g) * scale[:, None]  # (P, V)
+        top, ids = torch.log_softmax(logits, -1).topk(12, -1)
+        return ids, top
 
-    loaded = []
-    real = prepare.load_model
-    monkeypatch.setattr(
-        prepare, "load_model", lambda name, **kw: loaded.append(name) or real(name, **kw)
+    shards = write_split(
+        score, examples, tmp_path, "train", pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), settings=settings,
+    )  # fmt: skip
+    manifest = {"coverage": 0.6, "splits": {"train": {"shards": shards}}}
+    reader = CacheReader(tmp_path, "train", manifest)
+    assert reader._shard(0)["counts"].dtype == torch.uint8
+    batch = collate(examples[4:8], pad_token_id=tokenizer.pad_token_id)  # the writer's 2nd batch
+    ids, logprobs = score(batch)
+    stored = logprobs.half().float()  # (P, 12) what the writer kept before cutting
+    mass = stored.exp().cumsum(-1)
+    got_ids, got_lp = reader.rows([4, 5, 6, 7], (batch["labels"] != -100).sum(1).tolist())
+    present = got_lp > float("-inf")  # (P, width)
+    k = present.sum(-1)  # (P,) entries kept per position
+    assert (k >= 1).all() and (k < k.max()).any() and k.max() == got_lp.shape[1]
+    rows = torch.arange(k.numel())
+    reached = mass[rows, k - 1] >= 0.6
+    assert (reached | (k == 12)).all()  # reaches the coverage (or keeps all 12) ...
+    assert ((k == 1) | (mass[rows, (k - 2).clamp(min=0)] < 0.6)).all()  # ... with the fewest
+    assert torch.equal(got_ids[present], ids[:, : got_lp.shape[1]][present])
+    torch.testing.assert_close(got_lp[present], stored[:, : got_lp.shape[1]][present])
+    assert (got_ids == got_ids[:, :1]).logical_or(present).all()  # padding repeats the first id
+    assert sum(s["entries"] for s in shards) < 12 * sum(s["positions"] for s in shards)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16 training reads it
+        again = reader.rows([4, 5, 6, 7], (batch["labels"] != -100).sum(1).tolist())
+    assert torch.equal(again[1], got_lp)
+    assert sum(1 for _ in iter_rows(reader)) == len(examples)
+
+
+def test_tail_samples_come_from_outside_the_kept_entries_and_repeat_on_a_rerun(
+    tmp_path, tiny_chat_lm
+):
+    model, tokenizer = tiny_chat_lm
+    examples, _ = tokenize_records(RECORDS, tokenizer, max_length=32)
+    settings = CaptureSettings(top_k=4, tail_samples=6, shard_positions=15, batch_size=4)
+    score = functools.partial(top_k_rows, model, vocab_size=len(tokenizer), settings=settings)
+    shards = write_split(
+        score, examples, tmp_path, "train", pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), settings=settings,
+    )  # fmt: skip
+    reader = CacheReader(
+        tmp_path, "train", {"tail_samples": 6, "splits": {"train": {"shards": shards}}}
     )
-    out = folder / "run"
-    args = ["train", str(folder / "r.yaml"), "teacher.source=cache", f"train.output_dir={out}"]
-    assert main(args) == 0
-    assert loaded == [str(folder / "student")]  # the teacher was never loaded
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["soft"] > 0 and "eval/teacher_kl_topk" in rows[-1]
-    assert 0 <= rows[-1]["eval/top1_agreement_topk"] <= 1
-    # the same command again finds the cache complete and leaves it as it is
-    before = cache_bytes(folder / "c")
-    assert main(["cache", str(folder / "r.yaml")]) == 0
-    assert cache_bytes(folder / "c") == before
+    batch = collate(examples[4:8], pad_token_id=tokenizer.pad_token_id)
+    ids, _, draws, entropy = score(batch)
+    again = score(batch)  # seeded by the batch's tokens: a resumed writer draws the same
+    assert torch.equal(draws, again[2]) and draws.shape == (ids.shape[0], 6)
+    assert not (draws[:, :, None] == ids[:, None, :]).any()  # never one of the top-4
+    # a near-uniform 100-token teacher: the tail's entropy is close to log(96)
+    assert (
+        (entropy > 0.9 * torch.log(torch.tensor(96.0)))
+        & (entropy <= torch.log(torch.tensor(96.0)) + 1e-4)
+    ).all()
+    got_draws, got_entropy = reader.tail([4, 5, 6, 7], (batch["labels"] != -100).sum(1).tolist())
+    assert torch.equal(got_draws, draws)
+    torch.testing.assert_close(got_entropy, entropy.half().float())
+
+
+def test_a_coverage_cache_trains_and_costs_fewer_bytes(folder, tmp_path):
+    fixed, out = tmp_path / "fixed", tmp_path / "c"
+    argv = [str(folder / "r.yaml"), "cache.top_k=8"]
+    assert main(["cache", *argv, f"teacher.cache={fixed}"]) == 0
+    argv.append(f"teacher.cache={out}")
+    assert main(["cache", *argv, "cache.coverage=0.05"]) == 0  # the tiny teacher is near-flat
+    manifest = read_manifest(out)
+    assert manifest["coverage"] == 0.05 and manifest["version"] == 2
+    entries = [s["entries"] for split in manifest["splits"].values() for s in split["shards"]]
+    positions = sum(split["positions"] for split in manifest["splits"].values())
+    assert positions <= sum(entries) < 8 * positions
+    assert manifest["bytes_per_position"] < read_manifest(fixed)["bytes_per_position"]
+    run = tmp_path / "run"
+    code = main(["train", *argv, "teacher.source=cache", f"train.output_dir={run}"])
+    assert code == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["soft"] > 0 and rows[-1]["eval/teacher_kl_topk"] > 0
+    # with tail samples too: the soft term then also estimates the tail's KL
+    tailed = tmp_path / "tailed"
+    argv[-1] = f"teacher.cache={tailed}"
+    assert main(["cache", *argv, "cache.coverage=0.05", "cache.tail_samples=4"]) == 0
+    assert read_manifest(tailed)["tail_samples"] == 4
+    run = tmp_path / "run-tailed"
+    code = main(["train", *argv, "teacher.source=cache", f"train.output_dir={run}"])
+    assert code == 0
+    tailed_rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert tailed_rows[0]["soft"] > rows[0]["soft"]  # the coarse KL + the tail's (≥ 0 here)
 
 
 @pytest.mark.parametrize(
@@ -242,3 +316,13 @@ def test_a_few_steps_from_a_cache_of_the_bundled_teacher(tmp_path, smollm2_dir, 
     assert loaded == ["bundled:smollm2-135m-instruct"]  # once: the student's prune source
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["soft"] > 0 and rows[-1]["eval/teacher_kl_topk"] > 0
+
+
+def test_tail_samples_from_a_server_are_refused_naming_the_fix(folder, tmp_path, capsys):
+    argv = ["cache", str(folder / "r.yaml"), f"teacher.cache={tmp_path / 'c'}",
+            "teacher.source=server", "teacher.server_url=http://127.0.0.1:9/v1",
+            "cache.tail_samples=4"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cache.tail_samples=0" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()

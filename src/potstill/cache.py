@@ -45,10 +45,18 @@ def run_cache(r: Recipe) -> dict[str, Any]:
         raise RecipeError("`potstill cache` writes to teacher.cache: set it to a folder")
     out = Path(r.teacher.cache)
     served = r.teacher.source == "server"  # else the teacher model runs here
+    if served and r.cache.tail_samples:
+        raise RecipeError(
+            "cache.tail_samples draws from the teacher's whole distribution, which a server "
+            "does not return (only its top-k); set cache.tail_samples=0, or write the cache "
+            "with the teacher in-process (teacher.source=live)"
+        )
     live = dataclasses.replace(r, teacher=dataclasses.replace(r.teacher, source="live"))
     settings = CaptureSettings(
         top_k=r.cache.top_k,
         dtype=r.cache.dtype,
+        coverage=r.cache.coverage,
+        tail_samples=r.cache.tail_samples,
         temperature=r.loss.kd_temperature,
         shard_positions=r.cache.shard_positions,
         batch_size=r.cache.batch_size,
@@ -96,16 +104,25 @@ def run_cache(r: Recipe) -> dict[str, Any]:
     if not served:
         score = functools.partial(top_k_rows, teacher, vocab_size=vocab_size, settings=settings)
     splits: dict[str, Any] = {}
-    bytes_per_position = settings.top_k * (
-        (2 if vocab_size <= 1 << 16 else 4) + torch.finfo(getattr(torch, settings.dtype)).bits // 8
-    )  # ids + log-probabilities, before the shards' small headers and offsets
+    # bytes per (id, log-probability) pair, and per position for its entry count (coverage rule)
+    # and its tail draws and entropy; the shards' small headers and offsets come on top
+    id_bytes = 2 if vocab_size <= 1 << 16 else 4
+    value_bytes = torch.finfo(getattr(torch, settings.dtype)).bits // 8
+    entry_bytes = id_bytes + value_bytes
+    count_bytes = 0 if settings.coverage is None else 1 if settings.top_k < 256 else 2
+    if settings.tail_samples:
+        count_bytes += settings.tail_samples * id_bytes + value_bytes
+    seen = {"positions": 0, "entries": 0}
     total = sum(sum(e.target_mask[1:]) for e in (*data.train, *data.eval))
     with tqdm(total=total, unit="tok", desc=f"cache {out.name}", smoothing=0.1) as bar:
         for split, examples in (("train", data.train), ("eval", data.eval)):
 
-            def on_batch(_examples: int, positions: int, split: str = split) -> None:
+            def on_batch(_examples: int, positions: int, entries: int, split: str = split):
                 bar.update(positions)
-                bar.set_postfix(split=split, bytes_per_token=bytes_per_position)
+                seen["positions"] += positions
+                seen["entries"] += entries
+                per = entry_bytes * seen["entries"] / max(seen["positions"], 1) + count_bytes
+                bar.set_postfix(split=split, bytes_per_token=f"{per:.1f}")
 
             shards = write_split(
                 score,
@@ -148,6 +165,8 @@ def run_cache(r: Recipe) -> dict[str, Any]:
         },
         "temperature": settings.temperature,
         "top_k": settings.top_k,
+        "coverage": settings.coverage,  # set: ragged shards, k_i ≤ top_k entries per position
+        "tail_samples": settings.tail_samples,  # draws per position from the rest (forward KL)
         "dtype": settings.dtype,
         "bytes_per_position": sum(s["bytes"] for s in splits.values()) / max(positions, 1),
         "splits": splits,

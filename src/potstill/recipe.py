@@ -74,6 +74,18 @@ class CacheSpec:
         16,
     )
     dtype: str = doc("stored log-probability dtype: float16 | bfloat16 | float32", "float16")
+    coverage: float | None = doc(
+        "keep per position only the fewest of the top_k entries whose probability mass reaches "
+        "this (at least 1, e.g. 0.95): near-certain positions take one or two entries, uncertain "
+        "ones up to top_k; null keeps top_k everywhere",
+        None,
+    )
+    tail_samples: int = doc(
+        "tokens drawn per position from the teacher's distribution beyond the kept entries (2 "
+        "bytes each + 2 for the tail's entropy); forward-KL training then also learns the "
+        "shape of the teacher's tail, and its loss is an unbiased estimate of the dense KL",
+        0,
+    )
     shard_positions: int = doc(
         "positions per shard (a shard closes at the first batch past it); a kill loses at most "
         "one shard's work",
@@ -354,6 +366,47 @@ class CrossTokenizerSpec:
     )
 
 
+@dataclass
+class FeatureSpec:
+    """Method ``feature``: logit KD plus intermediate hidden states and attention."""
+
+    hidden_weight: float = doc(
+        "weight of the hidden-state term (0: off); it is averaged over the layer pairs", 1.0
+    )
+    hidden_loss: str = doc("mse (mean over the width) | cosine (1 − cos) per token", "mse")
+    hidden_normalize: bool = doc(
+        "layer-normalise both sides (no affine) before comparing hidden states", True
+    )
+    layer_map: list[list[int]] | None = doc(
+        "[[student layer, teacher layer], ...] (0-based); null: every student layer i to "
+        "teacher layer round((i + 1) · L_t / L_s) − 1",
+        None,
+    )
+    attention_weight: float = doc("weight of the attention term (0: off)", 0.0)
+    attention: str = doc(
+        "relations (MiniLM-v2 Q–Q, K–K, V–V relations; any head counts) | probabilities "
+        "(TinyBERT attention KL; equal head counts)",
+        "relations",
+    )
+    attention_layers: list[int] | None = doc(
+        "student layers whose attention is distilled (teacher layers from the layer map); "
+        "null: the last",
+        None,
+    )
+    relation_heads: int = doc(
+        "relations: heads each Q, K and V is split into; must divide both models' widths", 8
+    )
+    relation_weight: float = doc(
+        "weight of the relation term between the batch's documents (0: off)", 0.0
+    )
+    relation: str = doc(
+        "kl (softmax of cosine similarities) | mse (cosine similarities) | rkd_distance | "
+        "rkd_angle, over mean-pooled final hidden states",
+        "kl",
+    )
+    relation_temperature: float = doc("relation=kl: the softmax temperature", 0.05)
+
+
 METHODS_DOC = " | ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
 
 
@@ -379,6 +432,9 @@ class Recipe:
     cache: CacheSpec = doc(
         "the teacher cache `potstill cache` writes (teacher.cache names its folder)",
         default_factory=CacheSpec,
+    )
+    feature: FeatureSpec = doc(
+        "hidden-state and attention terms for method feature", default_factory=FeatureSpec
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -599,6 +655,7 @@ def validate(r: Recipe) -> None:
         )
     if c.top_k < 1:
         raise RecipeError(f"`cross_tokenizer.top_k` must be ≥ 1, got {c.top_k}")
+    validate_feature(r.feature)
     if r.data.packing and not method.packing:
         raise RecipeError(
             f"method {r.method} reads one record per row (see its page in docs/methods/), so "
@@ -634,6 +691,10 @@ def validate_teacher_source(r: Recipe) -> None:
         raise RecipeError(
             "`cache.top_k`, `cache.shard_positions` and `cache.batch_size` must be ≥ 1"
         )
+    if c.tail_samples < 0:
+        raise RecipeError(f"`cache.tail_samples` must be ≥ 0, got {c.tail_samples}")
+    if c.coverage is not None and not 0 < c.coverage <= 1:
+        raise RecipeError(f"`cache.coverage` must be in (0, 1] or null, got {c.coverage}")
     if c.dtype not in ("float16", "bfloat16", "float32"):
         raise RecipeError(f"`cache.dtype` must be float16, bfloat16 or float32, got {c.dtype!r}")
     if t.source == "cache":
@@ -645,9 +706,37 @@ def validate_teacher_source(r: Recipe) -> None:
         if r.method != "token_level":
             raise RecipeError(
                 f"method {r.method} cannot train from a teacher cache (it scores sequences the "
-                "cache never saw, or needs the teacher's own tokens); use teacher.source=live, "
-                "or method token_level"
+                "cache never saw, needs the teacher's own tokens, or its hidden states); use "
+                "teacher.source=live, or method token_level"
             )
+
+
+def validate_feature(f: FeatureSpec) -> None:
+    if f.hidden_loss not in ("mse", "cosine"):
+        raise RecipeError(f"`feature.hidden_loss` must be mse or cosine, got {f.hidden_loss!r}")
+    if f.attention not in ("relations", "probabilities"):
+        raise RecipeError(
+            f"`feature.attention` must be relations or probabilities, got {f.attention!r}"
+        )
+    if min(f.hidden_weight, f.attention_weight, f.relation_weight) < 0:
+        raise RecipeError(
+            "`feature.hidden_weight`, `feature.attention_weight` and `feature.relation_weight` "
+            "must be ≥ 0"
+        )
+    if f.relation not in ("kl", "mse", "rkd_distance", "rkd_angle"):
+        raise RecipeError(
+            f"`feature.relation` must be kl, mse, rkd_distance or rkd_angle, got {f.relation!r}"
+        )
+    if f.relation_temperature <= 0:
+        raise RecipeError(
+            f"`feature.relation_temperature` must be > 0, got {f.relation_temperature}"
+        )
+    if f.relation_heads < 1:
+        raise RecipeError(f"`feature.relation_heads` must be ≥ 1, got {f.relation_heads}")
+    if f.layer_map is not None and any(len(pair) != 2 for pair in f.layer_map):
+        raise RecipeError(
+            f"`feature.layer_map` takes [student layer, teacher layer] pairs, got {f.layer_map}"
+        )
 
 
 def validate_on_policy(r: Recipe) -> None:

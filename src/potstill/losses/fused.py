@@ -35,7 +35,7 @@ from potstill.losses.objective import (
     step_normalizer,
     valid_mask,
 )
-from potstill.losses.rows import split_tail, with_other
+from potstill.losses.rows import present_events, split_tail, tail_term, with_other
 
 DEFAULT_CHUNK_BUDGET_BYTES = 128 * 2**20  # per-chunk [n, V] work space; see auto_chunk_size
 # Fewer rows per chunk cost more time than the memory they save; see auto_chunk_size.
@@ -79,7 +79,8 @@ class _Objective:
         here).
 
         student_logits: (n, V) any float dtype; then the teacher — its logits (n, V), or with
-        ``sparse`` its top-k ids (n, k) and log-probabilities (n, k) — and labels (n,)
+        ``sparse`` its top-k ids (n, k) and log-probabilities (n, k), and optionally samples of
+        its tail (n, m) with the tail's entropy (n,) — and labels (n,)
         -> (2,) fp32 [soft, hard]; student_logits now holds dL/dlogits
 
         The divergence's value and pointwise score come from
@@ -116,24 +117,62 @@ class _Objective:
         student_logits.copy_(grad)  # compiled, the gradient is stored straight into the buffer
         return torch.stack([soft, hard])
 
-    def _sparse_soft(self, log_q: Tensor, ids: Tensor, teacher_logp: Tensor):
+    def _sparse_soft(
+        self,
+        log_q: Tensor,
+        ids: Tensor,
+        teacher_logp: Tensor,
+        tail: Tensor | None = None,
+        tail_entropy: Tensor | None = None,
+    ):
         """The divergence on the teacher's k events plus "other", and its gradient w.r.t. the
         student's logits. log_q (n, V), ids (n, k), teacher_logp (n, k) -> ((), (n, V))
 
         With G = ∂L/∂(coarse log_q) per event (the divergence's score, × soft_weight · T as in
         the dense case) and q̃ the student's tail renormalised (q_j / Q_other off the k events, 0
-        on them): ∂L/∂z_j = (G_{event of j} + G_other · q̃_j − q_j · ΣG) / T."""
+        on them): ∂L/∂z_j = (G_{event of j} + G_other · q̃_j − q_j · ΣG) / T.
+
+        With tail samples (forward KL): + T²·P_o·(−H(p̃) − mean_s log q̃(s)), the sampled estimate
+        of P_o·KL(p̃ ‖ q̃) (:func:`potstill.losses.rows.tail_term`), whose gradient adds
+        soft_weight · T · P_o · (q̃_j − count_j / m)."""
         ids = ids.long()
-        events, tail, log_other = split_tail(log_q, ids)  # (n, k), (n, V), (n, 1)
+        events, tail_logq, log_other = split_tail(log_q, ids)  # (n, k), (n, V), (n, 1)
         coarse_q = torch.cat([events, log_other], dim=-1)  # (n, k+1)
         coarse_p = with_other(teacher_logp.float())  # (n, k+1)
+        coarse_q, coarse_p, present = present_events(coarse_q, coarse_p)  # ragged rows' padding
         hp = dict(beta=self.beta, alpha=self.alpha)
-        soft = pointwise_divergence(coarse_q, coarse_p, self.kind, self.temperature, **hp).sum()
+        terms = pointwise_divergence(coarse_q, coarse_p, self.kind, self.temperature, **hp)
+        soft = torch.where(present, terms, 0.0).sum()
         score = DIVERGENCES[self.kind].score(coarse_q, coarse_p, **hp) * (
             self.soft_weight * self.temperature
         )  # (n, k+1)
-        grad = score[:, -1:] * (tail - log_other).exp() - log_q.exp() * score.sum(-1, keepdim=True)
-        return soft, grad.scatter_add(1, ids, score[:, :-1])
+        score = torch.where(present, score, 0.0)  # an absent event's padded id gets nothing
+        on_tail = score[:, -1:]  # (n, 1) what the student's renormalised tail q̃ is scaled by
+        if tail is not None:
+            tail = tail.long()
+            p_other = coarse_p[:, -1:].exp()  # (n, 1)
+            sampled = log_q.gather(1, tail)  # (n, m)
+            soft = (
+                soft + tail_term(sampled, log_other, p_other, tail_entropy, self.temperature).sum()
+            )
+            weight = self.soft_weight * self.temperature * p_other  # (n, 1)
+            on_tail = on_tail + weight
+        q_tilde = (tail_logq - log_other).exp()  # (n, V) 0 on the k events
+        grad = on_tail * q_tilde - log_q.exp() * score.sum(-1, keepdim=True)
+        grad = grad.scatter_add(1, ids, score[:, :-1])
+        if tail is not None:  # − weight / m at each sample (repeats add up)
+            grad = grad.scatter_add(1, tail, (-weight / tail.shape[1]).expand_as(tail))
+        return soft, grad
+
+
+def check_tail_args(tail: Tensor | None, entropy: Tensor | None, *, kind: str, sparse: bool):
+    if (tail is not None) != (entropy is not None) or (
+        tail is not None and (not sparse or kind != "forward_kl")
+    ):
+        raise ValueError(
+            "teacher_tail and teacher_tail_entropy come together, with teacher_ids and "
+            "teacher_logprobs, and estimate forward KL only (kind='forward_kl')"
+        )
 
 
 def _log_softmax(x: Tensor, temperature: float) -> Tensor:
@@ -186,6 +225,8 @@ class _FusedDistillation(torch.autograd.Function):
         teacher_logits: Tensor | None,  # (N, V)
         teacher_ids: Tensor | None,  # (N, k) top-k ids ...
         teacher_logprobs: Tensor | None,  # (N, k) ... and their log-probabilities
+        teacher_tail: Tensor | None,  # (N, m) tokens sampled from the rest ...
+        teacher_tail_entropy: Tensor | None,  # (N,) ... and the rest's entropy
         labels: Tensor,  # (N,)
         objective: _Objective,
         ignore_index: int,
@@ -231,6 +272,8 @@ class _FusedDistillation(torch.autograd.Function):
                     s_logits += student_bias.to(dtype)
                 if teacher_ids is not None:
                     teacher = (teacher_ids[idx], teacher_logprobs[idx])  # (n, k), (n, k)
+                    if teacher_tail is not None:  # (n, m), (n,)
+                        teacher += (teacher_tail[idx], teacher_tail_entropy[idx])
                 elif teacher_logits is not None:
                     teacher = (teacher_logits[idx],)  # (n, V)
                 else:
@@ -282,7 +325,7 @@ class _FusedDistillation(torch.autograd.Function):
         ):
             out.append(grad.mul_(grad_output).to(dtype) if needed and grad is not None else None)
         ctx.grads = None  # single use: free the buffers
-        return (*out, *([None] * 12))
+        return (*out, *([None] * 14))
 
 
 def fused_distill_sums(
@@ -295,6 +338,8 @@ def fused_distill_sums(
     teacher_logits: Tensor | None = None,
     teacher_ids: Tensor | None = None,
     teacher_logprobs: Tensor | None = None,
+    teacher_tail: Tensor | None = None,
+    teacher_tail_entropy: Tensor | None = None,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -326,6 +371,7 @@ def fused_distill_sums(
             f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
             f"{tuple(teacher_logprobs.shape)} must both be (N, k)"
         )
+    check_tail_args(teacher_tail, teacher_tail_entropy, kind=kind, sparse=sparse)
     if not sparse:
         teacher_vocab = (
             teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
@@ -355,6 +401,8 @@ def fused_distill_sums(
         detach(teacher_logits),
         teacher_ids,
         detach(teacher_logprobs),
+        teacher_tail,
+        detach(teacher_tail_entropy),
         labels,
         objective,
         ignore_index,
@@ -384,6 +432,8 @@ def fused_distill_loss(
     teacher_logits: Tensor | None = None,
     teacher_ids: Tensor | None = None,
     teacher_logprobs: Tensor | None = None,
+    teacher_tail: Tensor | None = None,
+    teacher_tail_entropy: Tensor | None = None,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -410,6 +460,10 @@ def fused_distill_loss(
         teacher_ids, teacher_logprobs: (N, k), (N, k) ... or as its top-k token ids and their
             log-probabilities at ``temperature`` (a teacher cache): the divergence is then exact
             on the k events plus one "other" event (:mod:`potstill.losses.sparse`).
+        teacher_tail, teacher_tail_entropy: (N, m), (N,) with the top-k, forward KL only: tokens
+            sampled from the teacher's distribution outside the k ids, and that tail's entropy;
+            they add the tail's part of the KL, estimated without bias
+            (:func:`potstill.losses.rows.tail_term`).
         kind, temperature, beta, alpha: as :func:`potstill.losses.divergence` (T² included).
         soft_weight, hard_weight: weights of the divergence and of cross-entropy on ``labels``.
         normalizer: the divisor of the summed loss: valid tokens of the whole optimizer step when
@@ -432,6 +486,8 @@ def fused_distill_loss(
         teacher_logits=teacher_logits,
         teacher_ids=teacher_ids,
         teacher_logprobs=teacher_logprobs,
+        teacher_tail=teacher_tail,
+        teacher_tail_entropy=teacher_tail_entropy,
         kind=kind,
         temperature=temperature,
         beta=beta,

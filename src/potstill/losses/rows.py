@@ -82,3 +82,35 @@ def split_tail(log_q: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     tail = log_q.scatter(1, ids, float("-inf"))  # (c, V)
     log_other = torch.logsumexp(tail, -1, keepdim=True).clamp(min=LOG_TINY)  # (c, 1)
     return events, tail, log_other
+
+
+def present_events(coarse_q: Tensor, coarse_p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Coarse distributions whose teacher side may mark events absent, ready for a divergence.
+
+    A ragged top-k row (a cache written with a mass-coverage rule keeps fewer entries where the
+    teacher is sure) is padded to k with events of teacher log-probability −inf: they carry no
+    mass on either side (the student's is left in its "other" event). Both sides of such an event
+    are set to 0 here, where every divergence's term is finite; callers zero its term and score
+    with the returned mask. coarse_q, coarse_p (c, k+1) -> (coarse_q, coarse_p, present (c, k+1))
+    """
+    present = coarse_p > float("-inf")  # "other" is never −inf (with_other floors it)
+    zero = coarse_p.new_zeros(())
+    return torch.where(present, coarse_q, zero), torch.where(present, coarse_p, zero), present
+
+
+def tail_term(
+    sampled: Tensor, log_other: Tensor, p_other: Tensor, entropy: Tensor, temperature: float
+) -> Tensor:
+    """The teacher's tail, from samples: T² · P_o · KL(p̃ ‖ q̃) estimated per row.
+
+    A top-k coarsening says nothing about the shape of the teacher's tail p̃ (its distribution
+    over the tokens outside the k events, renormalised), so a student trained on it never learns
+    that shape. Forward KL splits exactly (the chain rule of KL): KL(p ‖ q) = KL on the k + 1
+    events + P_o · KL(p̃ ‖ q̃), and the second part is −H(p̃) − E_{s∼p̃} log q̃(s), estimated without
+    bias from m tokens s drawn from p̃ at capture (top-k plus sampled tokens: Anshumann et al.
+    2025, "Sparse Logit Sampling", show sampling keeps KD unbiased where top-k alone does not).
+
+    sampled (c, m) the student's log q at the samples (not among the k events), log_other (c, 1)
+    log Q_o, p_other (c, 1) the teacher's P_o, entropy (c,) H(p̃) -> (c,)"""
+    cross = -(sampled - log_other).mean(-1)  # (c,) −mean log q̃(s)
+    return temperature**2 * p_other[:, 0] * (cross - entropy.float())

@@ -21,13 +21,15 @@ import torch
 from torch import Tensor
 
 from potstill.losses.divergences import check_divergence_args, pointwise_divergence
-from potstill.losses.fused import fused_distill_sums
+from potstill.losses.fused import check_tail_args, fused_distill_sums
 from potstill.losses.objective import HARD, SOFT, LossSums, weighted_sums
 from potstill.losses.rows import (
     chunked_rows,
     head_logits_fp32,
     label_logprob,
+    present_events,
     split_tail,
+    tail_term,
     with_other,
 )
 
@@ -48,6 +50,8 @@ def sparse_distill_sums(
     teacher_ids: Tensor,
     teacher_logprobs: Tensor,
     *,
+    teacher_tail: Tensor | None = None,
+    teacher_tail_entropy: Tensor | None = None,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -68,7 +72,14 @@ def sparse_distill_sums(
         labels: (N,) next-token ids; rows equal to ``ignore_index`` carry no loss.
         teacher_ids: (N, k) the teacher's top-k token ids per row (distinct within a row).
         teacher_logprobs: (N, k) their log-probabilities at ``temperature`` (any float dtype;
-            the "other" event's mass 1 − Σ exp(·) is derived in fp32).
+            the "other" event's mass 1 − Σ exp(·) is derived in fp32). A row with fewer entries
+            (a ragged cache) is padded with log-probability −inf and an id repeating one of the
+            row's own: such an event is absent on both sides (:func:`~potstill.losses.rows.
+            present_events`).
+        teacher_tail: (N, m) tokens sampled from the teacher's distribution outside the row's
+            k ids, with ``teacher_tail_entropy`` (N,) that tail's entropy (forward KL only): the
+            soft term then adds the tail's part of KL(p ‖ q), estimated without bias
+            (:func:`potstill.losses.rows.tail_term`), and its expectation is the dense KL.
         kind, temperature, beta, alpha: as :func:`potstill.losses.divergence` (T² included).
         softcap: the student's final-logit soft-capping, if its config has one (then the loss
             runs as autograd through checkpointed chunks, else in the fused engine).
@@ -84,10 +95,12 @@ def sparse_distill_sums(
             f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
             f"{tuple(teacher_logprobs.shape)} must both be (N, k) with N = {labels.shape[0]}"
         )
+    check_tail_args(teacher_tail, teacher_tail_entropy, kind=kind, sparse=True)
     if softcap is None:  # the fused engine: gradients in the forward pass, nothing recomputed
         return fused_distill_sums(
             student_hidden, student_weight, labels, teacher_ids=teacher_ids,
-            teacher_logprobs=teacher_logprobs, kind=kind, temperature=temperature, beta=beta,
+            teacher_logprobs=teacher_logprobs, teacher_tail=teacher_tail,
+            teacher_tail_entropy=teacher_tail_entropy, kind=kind, temperature=temperature, beta=beta,
             alpha=alpha, soft_weight=soft_weight, hard_weight=hard_weight,
             ignore_index=ignore_index, chunk_size=chunk_size, student_bias=student_bias,
             compile=compile,
@@ -97,19 +110,33 @@ def sparse_distill_sums(
     hidden, y = student_hidden[keep], labels[keep]  # (n, H), (n,)
     ids = teacher_ids[keep].long()  # (n, k)
     teacher = with_other(teacher_logprobs[keep].float())  # (n, k+1)
+    sampled = (
+        () if teacher_tail is None else (teacher_tail[keep].long(), teacher_tail_entropy[keep])
+    )
 
-    def rows(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, ids: Tensor, log_p: Tensor):
+    def rows(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, ids: Tensor, log_p: Tensor, *tail):
         logits = head_logits_fp32(h, w, b, softcap)  # (c, V), one chunk
         soft = hard = logits.new_zeros(h.shape[0])
         if soft_weight:
-            log_q = coarse_student(logits, ids, temperature)  # (c, k+1)
-            soft = pointwise_divergence(log_q, log_p, kind, temperature, beta, alpha).sum(-1)
+            coarse = coarse_student(logits, ids, temperature)  # (c, k+1)
+            log_q, log_p, present = present_events(coarse, log_p)  # (c, k+1) each
+            terms = pointwise_divergence(log_q, log_p, kind, temperature, beta, alpha)
+            soft = torch.where(present, terms, 0.0).sum(-1)
+            if tail:  # (c, m) samples, (c,) entropy
+                at_samples = torch.log_softmax(logits / temperature, -1).gather(1, tail[0])
+                p_other = log_p[:, -1:].exp()
+                soft = soft + tail_term(at_samples, coarse[:, -1:], p_other, tail[1], temperature)
         if hard_weight:
             hard = -label_logprob(logits, y)  # (c,) at T = 1
         return soft, hard
 
     soft, hard = chunked_rows(
-        rows, hidden, student_weight, student_bias, (y, ids, teacher), chunk_size=chunk_size
+        rows,
+        hidden,
+        student_weight,
+        student_bias,
+        (y, ids, teacher, *sampled),
+        chunk_size=chunk_size,
     )
     terms, weights = {}, {}
     if soft_weight:

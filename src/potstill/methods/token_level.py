@@ -65,19 +65,44 @@ class TokenLevel(Method, name="token_level"):
 
     def describe(self) -> str:
         if self.cache is not None:
-            how = f"sparse (top-k teacher cache {self.cache}, no teacher loaded)"
+            m = self.reader("train").tail_samples
+            tail = (
+                f" + {m} tail samples per position" if self.uses_tail()
+                else f"; its {m} tail samples unused: they estimate forward KL's tail only"
+            ) if m else ""  # fmt: skip
+            how = f"sparse (top-k teacher cache {self.cache}{tail}, no teacher loaded)"
         elif self.server is not None:
             how = f"sparse (top-k from {self.server}, no teacher loaded)"
         elif self.path == "fused":
             how = f"fused chunked loss ({'compiled' if self.compile else 'eager'})"
         else:
             how = "naive"
-        return f"token_level: {self.kind}, T={self.temperature}, loss path {how}"
+        return f"{self.name}: {self.kind}, T={self.temperature}, loss path {how}"
 
     def reader(self, split: str) -> CacheReader:
         if split not in self.readers:
             self.readers[split] = CacheReader(self.cache, split)
         return self.readers[split]
+
+    def uses_tail(self) -> bool:
+        """The cache holds tail samples and the objective is the one they estimate."""
+        return (
+            self.cache is not None
+            and self.kind == "forward_kl"
+            and bool(self.reader("train").tail_samples)
+        )
+
+    def teacher_tail(self, batch: dict[str, Tensor], mask: Tensor, split: str) -> dict:
+        """``teacher_tail`` (N, m) and ``teacher_tail_entropy`` (N,) for the sparse loss, from a
+        cache written with ``cache.tail_samples``; empty when unused."""
+        if not self.uses_tail():
+            return {}
+        reader = self.reader(split)
+        draws, entropy = reader.tail(batch["example_index"][:, 0].tolist(), mask.sum(1).tolist())
+        return {
+            "teacher_tail": draws.to(mask.device),
+            "teacher_tail_entropy": entropy.to(mask.device),
+        }
 
     def teacher_rows(self, batch: dict[str, Tensor], mask: Tensor, split: str):
         """The teacher's top-k ``(ids (N, k), log-probs (N, k))`` at the batch's supervised
@@ -119,7 +144,8 @@ class TokenLevel(Method, name="token_level"):
         student_h = final_hidden(student, batch)[mask]  # (N, H_s): only supervised positions
         if self.sparse:
             ids, logprobs = self.teacher_rows(batch, mask, "train")  # (N, k), (N, k)
-            return self.sparse_objective(student, student_h, labels[mask], ids, logprobs)
+            tail = self.teacher_tail(batch, mask, "train")  # (N, m), (N,) if the cache has them
+            return self.sparse_objective(student, student_h, labels[mask], ids, logprobs, **tail)
         with torch.no_grad():
             teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
         return self.objective(student, teacher, student_h, teacher_h, labels[mask])
@@ -144,11 +170,14 @@ class TokenLevel(Method, name="token_level"):
         labels: Tensor,
         ids: Tensor,
         logprobs: Tensor,
+        teacher_tail: Tensor | None = None,
+        teacher_tail_entropy: Tensor | None = None,
         **override: float | str,
     ) -> LossSums:
         """The loss against the teacher's top-k at the supervised rows, summed.
 
-        student_h (N, H_s), labels (N,), ids and logprobs (N, k)."""
+        student_h (N, H_s), labels (N,), ids and logprobs (N, k); with tail samples (N, m) and
+        their entropy (N,), the forward KL's tail too."""
         weight, bias = lm_head(student, self.vocab_size)
         return sparse_distill_sums(
             student_h,
@@ -156,6 +185,8 @@ class TokenLevel(Method, name="token_level"):
             labels,
             ids,
             logprobs,
+            teacher_tail=teacher_tail,
+            teacher_tail_entropy=teacher_tail_entropy,
             chunk_size=self.chunk_size,
             student_bias=bias,
             softcap=logit_softcap(student),

@@ -14,8 +14,14 @@ cache with it); :mod:`potstill.teachers.writer` writes one. On disk (format 1;
 A shard holds ``ids`` (P, k) — uint16 where the vocabulary fits, else int32 — ``logprobs``
 (P, k) float16 | bfloat16 | float32 at the capture temperature, and ``offsets`` (R+1,) int64:
 example ``start + r`` owns rows ``offsets[r]:offsets[r+1]``, its supervised positions in order
-(row-major, the order of ``labels != -100``). The "other" event's mass 1 − Σ exp(logprobs) is
-derived when reading. Every shard's SHA-256 is in the manifest (and the ledger) and is checked when
+(row-major, the order of ``labels != -100``). A cache written with a mass-coverage rule
+(``coverage`` in the manifest) keeps k_i ≤ k entries at position i: its ``ids`` and ``logprobs``
+are flat (E,), row after row, and ``counts`` (P,) uint8 | int16 holds each k_i; reading pads
+rows to the batch's largest k_i (:func:`pad_rows`). A cache written with ``tail_samples`` = m
+also holds ``tail`` (P, m) — tokens drawn from the teacher's distribution outside the entries
+kept at each position — and ``tail_entropy`` (P,), that distribution's entropy (forward KL's tail,
+:func:`potstill.losses.rows.tail_term`). The "other" event's mass 1 − Σ exp(logprobs) is derived
+when reading. Every shard's SHA-256 is in the manifest (and the ledger) and is checked when
 the shard is first read; the manifest also fingerprints the teacher, its tokenizer and chat
 template, the tokenized data and the settings, so a cache is never used for data it was not
 written for.
@@ -37,7 +43,8 @@ from potstill.data import Example
 from potstill.errors import DataError
 
 FORMAT = "potstill-teacher-cache"
-VERSION = 1
+VERSION = 2  # 2: ragged shards (``counts``); version 1 caches (fixed k) read unchanged
+READABLE = (1, 2)
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SPLITS = ("train", "eval")
@@ -109,12 +116,38 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             )
         )
     data = json.loads(manifest.read_text())
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
+    if data.get("format") != FORMAT or data.get("version") not in READABLE:
         raise CacheError(
-            f"{manifest}: not a {FORMAT} version {VERSION} manifest "
+            f"{manifest}: not a {FORMAT} manifest of version {' or '.join(map(str, READABLE))} "
             f"(format {data.get('format')!r}, version {data.get('version')!r})"
         )
     return data
+
+
+def coverage_counts(logprobs: Tensor, coverage: float) -> Tensor:
+    """Entries to keep per row: the fewest of the (descending) top-k whose probability mass
+    reaches ``coverage``, at least 1 and at most k. (P, k) -> (P,) long"""
+    mass = logprobs.float().exp().cumsum(-1)  # (P, k)
+    return ((mass < coverage).sum(-1) + 1).clamp(max=logprobs.shape[-1])
+
+
+def pad_rows(ids: Tensor, logprobs: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Ragged rows to a rectangle: row i's ``counts[i]`` entries, then absent ones — log-prob −inf
+    and the row's first id again, which the sparse loss reads as no event
+    (:func:`potstill.losses.rows.present_events`).
+
+    ids, logprobs (E,) row after row, counts (P,) ≥ 1 -> (P, max k_i) long, (P, max k_i) fp32"""
+    counts = counts.long()
+    rows, width = counts.numel(), int(counts.max()) if counts.numel() else 1
+    starts = counts.cumsum(0) - counts  # (P,) each row's first entry
+    row = torch.arange(rows).repeat_interleave(counts)  # (E,)
+    col = torch.arange(ids.numel()) - starts.repeat_interleave(counts)  # (E,)
+    first = ids[starts].long() if rows else ids.new_zeros(0, dtype=torch.long)
+    out_ids = first[:, None].repeat(1, width)  # (P, width)
+    out_lp = torch.full((rows, width), float("-inf"))
+    out_ids[row, col] = ids.long()
+    out_lp[row, col] = logprobs.float()
+    return out_ids, out_lp
 
 
 class CacheReader:
@@ -129,6 +162,8 @@ class CacheReader:
         self.split = split
         self.shards = self.manifest["splits"][split]["shards"]
         self.ends = [s["end"] for s in self.shards]
+        self.ragged = self.manifest.get("coverage") is not None  # per-position k (``counts``)
+        self.tail_samples = self.manifest.get("tail_samples", 0)  # ``tail`` draws per position
         self.loaded: dict[int, dict[str, Tensor]] = {}
 
     def _shard(self, i: int) -> dict[str, Tensor]:
@@ -142,8 +177,22 @@ class CacheReader:
                     f"teacher cache shard {path} is corrupted (its SHA-256 differs from the "
                     "manifest's); write the cache again with `potstill cache`"
                 )
-            self.loaded[i] = load_file(str(path))
+            shard = load_file(str(path))
+            if self.ragged:  # where each position's entries start: (P+1,)
+                shard["entry_offsets"] = torch.cat(
+                    [torch.zeros(1, dtype=torch.int64), shard["counts"].long().cumsum(0)]
+                )
+            self.loaded[i] = shard
         return self.loaded[i]
+
+    def _example(self, shard: dict[str, Tensor], a: int, b: int) -> tuple[Tensor, ...]:
+        """Rows ``a:b`` of a shard: (ids, logprobs) (b−a, k), or flat with their counts."""
+        if not self.ragged:
+            return shard["ids"][a:b].long(), shard["logprobs"][a:b].float()
+        e0, e1 = int(shard["entry_offsets"][a]), int(shard["entry_offsets"][b])
+        # widened here: concatenating float16 under CPU autocast fails
+        ids, lps = shard["ids"][e0:e1].long(), shard["logprobs"][e0:e1].float()
+        return ids, lps, shard["counts"][a:b].long()
 
     def _locate(self, example: int) -> int:
         for i, end in enumerate(self.ends):
@@ -155,7 +204,24 @@ class CacheReader:
         )
 
     def rows(self, example_index: Sequence[int], counts: Sequence[int]) -> tuple[Tensor, Tensor]:
-        ids, lps = [], []
+        parts = [self._example(shard, a, b) for shard, a, b in self._spans(example_index, counts)]
+        if not parts:
+            return torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1)
+        if self.ragged:
+            return pad_rows(*(torch.cat(column) for column in zip(*parts, strict=True)))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def tail(self, example_index: Sequence[int], counts: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """The same rows' tail draws and tail entropy: (P, m) long, (P,) fp32."""
+        spans = list(self._spans(example_index, counts))
+        draws = [shard["tail"][a:b].long() for shard, a, b in spans]
+        entropy = [shard["tail_entropy"][a:b].float() for shard, a, b in spans]
+        if not spans:
+            return torch.zeros(0, self.tail_samples, dtype=torch.long), torch.zeros(0)
+        return torch.cat(draws), torch.cat(entropy)
+
+    def _spans(self, example_index: Sequence[int], counts: Sequence[int]):
+        """(shard, first row, end row) of each example, its position count checked."""
         for example, count in zip(example_index, counts, strict=True):
             i = self._locate(int(example))
             shard = self._shard(i)
@@ -166,18 +232,18 @@ class CacheReader:
                     f"example {example} has {count} supervised positions but the teacher cache "
                     f"holds {b - a}: the data changed since the cache was written"
                 )
-            ids.append(shard["ids"][a:b].long())
-            lps.append(shard["logprobs"][a:b].float())
-        return torch.cat(ids), torch.cat(lps)
+            yield shard, a, b
 
 
 def iter_rows(reader: CacheReader) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Every example of the split as ``(index, ids, logprobs)``; for tools outside the loop."""
+    """Every example of the split as ``(index, ids, logprobs)`` — (P, k) long and fp32, ragged
+    rows padded (:func:`pad_rows`); for tools outside the loop."""
     for i, entry in enumerate(reader.shards):
         shard = reader._shard(i)
         for r in range(entry["end"] - entry["start"]):
             a, b = int(shard["offsets"][r]), int(shard["offsets"][r + 1])
-            yield entry["start"] + r, shard["ids"][a:b].long(), shard["logprobs"][a:b].float()
+            rows = reader._example(shard, a, b)
+            yield entry["start"] + r, *(pad_rows(*rows) if reader.ragged else rows)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -17,13 +17,15 @@ from torch import Tensor, nn
 from potstill.data import Example, collate
 from potstill.lm import final_hidden, lm_head
 from potstill.losses.rows import chunked_rows, head_logits_fp32
-from potstill.teachers.cache import DTYPES, MANIFEST, sha256_file
+from potstill.teachers.cache import DTYPES, MANIFEST, coverage_counts, sha256_file
 
 
 @dataclass(frozen=True)
 class CaptureSettings:
     top_k: int = 16
     dtype: str = "float16"  # of the stored log-probabilities
+    coverage: float | None = None  # keep per position the fewest entries reaching this mass
+    tail_samples: int = 0  # tokens drawn per position from the teacher's rest (forward KL's tail)
     temperature: float = 1.0  # the teacher's softmax temperature at capture
     shard_positions: int = 262_144  # a shard closes at the first batch boundary past this
     batch_size: int = 8
@@ -71,16 +73,33 @@ def top_k_rows(
     settings: CaptureSettings,
 ) -> tuple[Tensor, Tensor]:
     """The teacher's top-k ``(ids, log-probs)`` at the batch's supervised positions, in the order
-    of ``labels != -100``: (P, k) long, (P, k) fp32."""
+    of ``labels != -100``: (P, k) long, (P, k) fp32. With ``settings.tail_samples`` = m, also
+    ``(tail (P, m) long, tail entropy (P,) fp32)``: m tokens drawn from the teacher's distribution
+    outside the entries the cache keeps (all k, or the coverage rule's first k_i), renormalised,
+    and that distribution's entropy; the draws are seeded by the batch's tokens, so a resumed
+    writer draws the same."""
     mask = batch["labels"] != -100  # (B, T)
     dtype = getattr(torch, settings.autocast) if settings.autocast else None
     device = batch["input_ids"].device.type
-    temperature, k = settings.temperature, settings.top_k
+    temperature, k, m = settings.temperature, settings.top_k, settings.tail_samples
+    generator = torch.Generator(device=batch["input_ids"].device)
+    generator.manual_seed(int(batch["input_ids"].sum()) * 1_000_003 + batch["input_ids"].numel())
 
-    def rows(h: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+    def rows(h: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, ...]:
         logp = torch.log_softmax(head_logits_fp32(h, w, b) / temperature, dim=-1)  # (c, V)
         top, ids = logp.topk(k, dim=-1)  # (c, k)
-        return ids, top
+        if not m:
+            return ids, top
+        kept = torch.full((h.shape[0],), k, device=h.device)  # (c,) entries the cache keeps
+        if settings.coverage is not None:  # as the writer will count them: stored values
+            kept = coverage_counts(top.to(DTYPES[settings.dtype]), settings.coverage)
+        keep = torch.arange(k, device=h.device) < kept[:, None]  # (c, k)
+        rest = torch.ones_like(logp).scatter(1, ids, (~keep).float())  # (c, V) 1 off the kept
+        p = logp.exp() * rest  # (c, V)
+        mass = p.sum(-1, keepdim=True)
+        tail = torch.where(mass > 0, p / mass.clamp_min(1e-38), rest / rest.sum(-1, keepdim=True))
+        draws = torch.multinomial(tail, m, replacement=True, generator=generator)  # (c, m)
+        return ids, top, draws, -torch.special.xlogy(tail, tail).sum(-1)
 
     with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         hidden = final_hidden(teacher, batch)[mask]  # (P, H)
@@ -106,18 +125,23 @@ def write_split(
 
     Batches are consecutive examples and shards whole batches, so a resumed writer, which starts
     at the first shard the ledger does not vouch for, forms the same batches an uninterrupted one
-    did and writes the same bytes. ``on_batch(examples, positions)`` reports progress."""
+    did and writes the same bytes. ``on_batch(examples, positions, entries)`` reports progress
+    (entries: the (id, log-prob) pairs kept, fewer than positions × k under a coverage rule)."""
     out.mkdir(parents=True, exist_ok=True)
     shards = finished_shards(out, split)
     ledger = _ledger(out, split)
     ledger.write_text("".join(json.dumps(s) + "\n" for s in shards))  # drop what is not vouched
     start = shards[-1]["end"] if shards else 0
     if on_batch is not None and start:
-        on_batch(start, sum(s["positions"] for s in shards))
+        on_batch(start, sum(s["positions"] for s in shards), sum(s["entries"] for s in shards))
     # ids < vocab_size: two bytes each where the vocabulary has at most 65,536 entries
     id_dtype = torch.uint16 if vocab_size is not None and vocab_size <= 1 << 16 else torch.int32
+    k_dtype = torch.uint8 if settings.top_k < 1 << 8 else torch.int16  # entries per position
     ids_parts: list[Tensor] = []
     lp_parts: list[Tensor] = []
+    k_parts: list[Tensor] = []  # coverage rule: entries kept per position
+    tail_parts: list[Tensor] = []  # tail samples: draws (P, m) and entropy (P,)
+    entropy_parts: list[Tensor] = []
     counts: list[int] = []
     shard_start = start
     for first in range(start, len(examples), settings.batch_size):
@@ -126,34 +150,49 @@ def write_split(
             key: value.to(device)
             for key, value in collate(chunk, pad_token_id=pad_token_id).items()
         }
-        ids, top = score(batch)  # (P, k), (P, k) at the batch's supervised positions
-        ids_parts.append(ids.cpu().to(id_dtype))
-        lp_parts.append(top.cpu().to(DTYPES[settings.dtype]))
+        # (P, k), (P, k) at the batch's supervised positions [, (P, m) tail draws, (P,) entropy]
+        ids, top, *tail = score(batch)
+        ids, top = ids.cpu().to(id_dtype), top.cpu().to(DTYPES[settings.dtype])
+        if settings.tail_samples:
+            tail_parts.append(tail[0].cpu().to(id_dtype))
+            entropy_parts.append(tail[1].cpu().to(DTYPES[settings.dtype]))
+        if settings.coverage is not None:  # ragged: k_i entries at position i, flat (E,)
+            k = coverage_counts(top, settings.coverage)  # (P,) from the stored values
+            keep = torch.arange(top.shape[1]) < k[:, None]  # (P, k)
+            ids, top = ids[keep], top[keep]
+            k_parts.append(k.to(k_dtype))
+        ids_parts.append(ids)
+        lp_parts.append(top)
         counts += (batch["labels"] != -100).sum(1).tolist()
         end = first + len(chunk)
         if on_batch is not None:
-            on_batch(len(chunk), ids.shape[0])
+            on_batch(len(chunk), sum(counts[-len(chunk) :]), top.numel())
         if sum(counts) >= settings.shard_positions or end == len(examples):
-            shards.append(
-                _close_shard(out, split, len(shards), shard_start, end, ids_parts, lp_parts, counts)
-            )
+            cat = torch.cat
+            tensors = {"ids": cat(ids_parts), "logprobs": cat(lp_parts)}
+            if k_parts:
+                tensors["counts"] = torch.cat(k_parts)
+            if tail_parts:
+                tensors["tail"], tensors["tail_entropy"] = cat(tail_parts), cat(entropy_parts)
+            shards.append(_close_shard(out, split, len(shards), shard_start, end, tensors, counts))
             with ledger.open("a") as f:
                 f.write(json.dumps(shards[-1]) + "\n")
-            ids_parts, lp_parts, counts, shard_start = [], [], [], end
+            ids_parts, lp_parts, k_parts, counts, shard_start = [], [], [], [], end
+            tail_parts, entropy_parts = [], []
     return shards
 
 
-def _close_shard(out, split, index, start, end, ids_parts, lp_parts, counts) -> dict[str, Any]:
+def _close_shard(out, split, index, start, end, tensors, counts) -> dict[str, Any]:
     name = f"{split}-{index:05d}.safetensors"
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
-    tensors = {"ids": torch.cat(ids_parts), "logprobs": torch.cat(lp_parts), "offsets": offsets}
-    _atomic_save(tensors, out / name)
+    _atomic_save({**tensors, "offsets": offsets}, out / name)
     return {
         "file": name,
         "start": start,
         "end": end,
         "positions": int(offsets[-1]),
+        "entries": tensors["ids"].numel(),
         "bytes": (out / name).stat().st_size,
         "sha256": sha256_file(out / name),
     }
