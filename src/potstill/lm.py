@@ -23,9 +23,10 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +54,25 @@ def padding_free(enabled: bool) -> Iterator[None]:
 def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Final (post-norm) hidden states ``(B, T, H)`` for a collated batch (zeros at padding when
     the pass is padding-free; see the module docstring)."""
+    states, keep = _hidden_states(model, batch)
+    if keep is None:
+        return states[-1]
+    packed = states[-1][0]  # (S, H)
+    hidden = packed.new_zeros(*keep.shape, packed.shape[-1])  # (B, T, H)
+    hidden[keep] = packed
+    return hidden
+
+
+def _hidden_states(
+    model: nn.Module, batch: dict[str, Tensor]
+) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """Every layer's hidden states, ``(B, T, H)`` each from a padded pass, or ``(1, S, H)`` from
+    a padding-free one together with its ``keep`` mask (B, T) (else None)."""
     none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)  # no logits at all
     layout = _documents(model, batch) if PADDING_FREE.get() else None
     if layout is None:
         out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=none)
-        return out.hidden_states[-1]
+        return out.hidden_states, None
     keep, positions, documents = layout
     calls = _varlen_attention.calls
     with attention_implementation(model, VARLEN):
@@ -75,10 +90,73 @@ def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
             f"{type(unwrap(model)).__name__} does not route attention through transformers' "
             "AttentionInterface, so it cannot run padding-free; set train.padding_free=false"
         )
-    packed = out.hidden_states[-1][0]  # (S, H)
-    hidden = packed.new_zeros(*keep.shape, packed.shape[-1])  # (B, T, H)
-    hidden[keep] = packed
-    return hidden
+    return out.hidden_states, keep
+
+
+@dataclass
+class Features:
+    """What one forward pass says beyond its output, over the batch's real tokens packed row
+    after row (S of them; the order of ``batch["attention_mask"]``'s ones)."""
+
+    hidden: tuple[Tensor, ...]  # (S, H) per ``hidden_states`` entry: [0] embeddings, [i+1] layer i
+    attention: dict[int, tuple[Tensor, Tensor, Tensor, float]]  # layer -> q, k, v (heads, S, D)
+    documents: tuple[tuple[int, int], ...]  # (start, end) of each document in S
+    keep: Tensor  # (B, T) bool: the real tokens
+
+
+def forward_features(
+    model: nn.Module, batch: dict[str, Tensor], attention_layers: Sequence[int] = ()
+) -> Features:
+    """One forward pass keeping every layer's hidden states and, for ``attention_layers``, the
+    queries (after rotary embeddings), keys and values their attention used (with its scaling),
+    padded or padding-free alike (:func:`_capturing_attention`)."""
+    keep, documents = token_layout(batch)
+    store: dict[int, tuple[Tensor, Tensor, Tensor, float]] = {}
+    config = unwrap(model).config
+    if attention_layers and config._attn_implementation == "eager":
+        raise RecipeError(
+            f"{type(unwrap(model)).__name__} runs eager attention (it needs what SDPA lacks, "
+            "e.g. soft-capping), whose queries and keys potstill cannot read; drop the attention "
+            "terms (feature.attention_weight=0)"
+        )
+    if attention_layers:
+        token = _CAPTURING.set((frozenset(attention_layers), store))
+        try:
+            with _capture(model):
+                states, packed = _hidden_states(model, batch)
+        finally:
+            _CAPTURING.reset(token)
+    else:
+        states, packed = _hidden_states(model, batch)
+    if packed is None:  # a padded pass: (B, T, ·) -> (S, ·)
+        hidden = tuple(h[keep] for h in states)
+        attention = {
+            i: (*(t.transpose(1, 2)[keep].transpose(0, 1) for t in qkv), scale)
+            for i, (*qkv, scale) in store.items()
+        }  # (heads, S, D) each
+    else:
+        hidden = tuple(h[0] for h in states)
+        attention = {i: (*(t[0] for t in qkv), scale) for i, (*qkv, scale) in store.items()}
+    missing = set(attention_layers) - set(attention)
+    if missing:
+        raise RuntimeError(f"attention of layers {sorted(missing)} was not seen in the pass")
+    return Features(hidden, attention, documents, keep)
+
+
+def token_layout(batch: dict[str, Tensor]) -> tuple[Tensor, tuple[tuple[int, int], ...]]:
+    """``(keep (B, T) bool, documents)``: the real tokens and each document's (start, end) among
+    them, packed row after row (packed rows hold several documents; see :func:`_documents`)."""
+    keep = batch["attention_mask"].bool()  # (B, T)
+    positions = (
+        batch["position_ids"][keep]
+        if "position_ids" in batch
+        else (keep.long().cumsum(1) - 1)[keep]
+    )
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]  # (S,)
+    start = torch.ones_like(positions, dtype=torch.bool)  # (S,)
+    start[1:] = (positions[1:] != positions[:-1] + 1) | (rows[1:] != rows[:-1])
+    bounds = [*start.nonzero().squeeze(1).tolist(), positions.numel()]  # one host sync
+    return keep, tuple(itertools.pairwise(bounds))
 
 
 @contextmanager
@@ -86,6 +164,13 @@ def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
     """Run the model's calls inside this block with attention implementation ``name`` (one
     registered with transformers' ``AttentionInterface``); transformers reads the config's
     setting at every call, so switching it around a call is how a call picks its attention."""
+    if name != CAPTURE and _CAPTURING.get() is not None:  # capturing: CAPTURE stays in front
+        token = _INNER.set(name)
+        try:
+            yield
+        finally:
+            _INNER.reset(token)
+        return
     config = unwrap(model).config
     previous = config._attn_implementation
     config._attn_implementation = name
@@ -108,13 +193,9 @@ def _documents(
         return None
     # (S,): packed rows restart at 0 at every document; right-padded rows count 0.. per row
     positions = batch["position_ids"][keep] if packed else (keep.long().cumsum(1) - 1)[keep]
-    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]  # (S,)
     # A document starts wherever the position does not step by one (transformers' own rule for
     # packed rows, `find_packed_sequence_indices`) and at every row start.
-    start = torch.ones_like(positions, dtype=torch.bool)  # (S,)
-    start[1:] = (positions[1:] != positions[:-1] + 1) | (rows[1:] != rows[:-1])
-    bounds = [*start.nonzero().squeeze(1).tolist(), positions.numel()]  # one host sync
-    return keep, positions, tuple(itertools.pairwise(bounds))
+    return keep, positions, token_layout(batch)[1]
 
 
 def forward_takes_kwargs(model: nn.Module) -> bool:
@@ -190,6 +271,41 @@ def _varlen_attention(
 _varlen_attention.calls = 0  # checked by final_hidden: the model really used it
 AttentionInterface.register(VARLEN, _varlen_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, lambda *args, **kwargs: None)  # per document
+
+# Reading a pass's attention inputs: the model runs attention implementation CAPTURE, which notes
+# the query, key and value of the layers asked for and hands the call on to the implementation
+# the pass would have used (its mask function likewise).
+CAPTURE = "potstill_capture"
+_CAPTURING: ContextVar[tuple[frozenset[int], dict] | None] = ContextVar(
+    "potstill_capturing", default=None
+)
+_INNER: ContextVar[str] = ContextVar("potstill_capture_inner", default="sdpa")
+
+
+@contextmanager
+def _capture(model: nn.Module) -> Iterator[None]:
+    """Route the model's attention through :func:`_capturing_attention` inside this block; a
+    padding-free pass's switch to VARLEN then changes the implementation behind it."""
+    config = unwrap(model).config
+    inner = _INNER.set(config._attn_implementation)
+    try:
+        with attention_implementation(model, CAPTURE):
+            yield
+    finally:
+        _INNER.reset(inner)
+
+
+def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
+    layers, store = _CAPTURING.get()
+    if getattr(module, "layer_idx", None) in layers:
+        store[module.layer_idx] = (query, key, value, kwargs.get("scaling") or module.scaling)
+    return AttentionInterface()[_INNER.get()](module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(CAPTURE, _capturing_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(
+    CAPTURE, lambda *args, **kwargs: ALL_MASK_ATTENTION_FUNCTIONS[_INNER.get()](*args, **kwargs)
+)
 
 
 def lm_head(model: nn.Module, vocab_size: int | None = None) -> tuple[Tensor, Tensor | None]:

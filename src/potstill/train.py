@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -34,6 +35,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -340,7 +342,9 @@ def train(
 
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("the student has no trainable parameters (all have requires_grad=False)")
-    extras = list(method.trainable_modules().values())  # e.g. projectors, trained alongside
+    method.attach(student, teacher)
+    named_extras = method.trainable_modules()  # e.g. projectors, trained alongside
+    extras = list(named_extras.values())
     for module in extras:
         module.to(accelerator.device).train()
     total_steps = plan_steps(recipe, train_examples, accelerator.num_processes)
@@ -398,14 +402,16 @@ def train(
     byte_table = token_byte_lengths(tokenizer)
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(
-            student,
-            eval_batches,
-            teacher=eval_teacher if shared_vocabulary else None,
-            byte_lengths=byte_table,
-            vocab_size=vocab_size,
-            autocast_dtype=amp_dtype,
-        )
+        metrics = {}
+        if not method.info.encoder:  # the language-model metrics (an encoder has no LM head)
+            metrics = evaluate(
+                student,
+                eval_batches,
+                teacher=eval_teacher if shared_vocabulary else None,
+                byte_lengths=byte_table,
+                vocab_size=vocab_size,
+                autocast_dtype=amp_dtype,
+            )
         # the method's own (e.g. on-policy: reverse KL on the student's own samples)
         metrics.update(
             method.evaluate(
@@ -535,6 +541,13 @@ def train(
         log.log({"step": state["step"], "tokens": state["tokens"], **last_eval})
     save_checkpoint(accelerator, out, state)
     model_dir = save_model(accelerator, student, tokenizer, out / "model") if t.save_model else None
+    if t.save_model and main:
+        method.finish(model_dir)
+        for name, module in zip(named_extras, extras, strict=True):  # beside, never inside
+            state_dict = accelerator.unwrap_model(module).state_dict()
+            tmp = out / f"{name}.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
+            os.replace(tmp, out / f"{name}.safetensors")
     history = log.rows
     log.close()
     return TrainResult(

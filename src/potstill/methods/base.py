@@ -13,7 +13,7 @@ One optimizer step, as the loop drives it::
     log row |= method.pop_stats();  held-out metrics |= method.evaluate(...)
 
 The optimizer trains the student's parameters and those of :meth:`Method.trainable_modules`
-(e.g. projectors), and checkpoints them together.
+(e.g. projectors, built in :meth:`Method.attach`), and checkpoints them together.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from potstill.losses.objective import LossSums
 from potstill.methods.registry import METHODS, MethodInfo
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from potstill.data import Example
     from potstill.recipe import Recipe
 
@@ -118,7 +120,16 @@ class Method:
         """Held-out metrics beyond the loop's own (teacher KL, agreement, perplexity, bpb)."""
         return {}
 
+    def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Called once with the run's models before the optimizer is built: a method that trains
+        modules of its own sizes them here (the global seed is already set)."""
+
+    def finish(self, model_dir: Path) -> None:
+        """Called once the student is saved to ``model_dir`` (main process): files a saved
+        student needs beside its weights (e.g. sentence-transformers' pooling modules)."""
+
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules the method trains besides the student (e.g. projectors), by name; optimised
-        and checkpointed with the student, never exported with it."""
+        and checkpointed with the student, saved beside it as ``NAME.safetensors`` at the end
+        of the run, never exported with it."""
         return {}

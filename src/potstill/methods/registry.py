@@ -29,6 +29,7 @@ class MethodInfo:
     default_kind: str = "forward_kl"  # loss.kind when the recipe leaves it unset
     shared_vocabulary: bool = True  # teacher and student logits are compared entry by entry
     packing: bool = True  # rows may be packed (data.packing)
+    encoder: bool = False  # the models are bidirectional encoders (no LM head, no LM metrics)
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -38,6 +39,12 @@ METHODS: dict[str, MethodInfo] = {
             "token_level",
             "potstill.methods.token_level:TokenLevel",
             "logit KD from a live teacher",
+            needs_teacher=True,
+        ),
+        MethodInfo(
+            "feature",
+            "potstill.methods.feature:Feature",
+            "logit KD plus the teacher's hidden states and attention; see the feature section",
             needs_teacher=True,
         ),
         MethodInfo(
