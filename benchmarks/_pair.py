@@ -49,6 +49,7 @@ def train_one(r, teacher):
 
     models = load_models(r, teacher=teacher if r.teacher.source == "live" else None)
     method = build_method(r, vocab_size=models.vocab_size)
+    method.bind(models.tokenizer, models.teacher_tokenizer)
     data = load_data(r, models.tokenizer, method)
     result = train(
         r, method, student=models.student, tokenizer=models.tokenizer, train_examples=data.train,

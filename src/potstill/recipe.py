@@ -407,6 +407,19 @@ class FeatureSpec:
     relation_temperature: float = doc("relation=kl: the softmax temperature", 0.05)
 
 
+@dataclass
+class EmbeddingSpec:
+    """Method ``embedding``: a sentence-encoder student."""
+
+    loss: str = doc(
+        "per sentence: cosine (1 − cos) | mse, student against teacher embedding", "cosine"
+    )
+    weight: float = doc("weight of the per-sentence embedding term (0: off)", 1.0)
+    relation_weight: float = doc("weight of the batch's similarity-structure term (0: off)", 0.0)
+    relation: str = doc("kl | mse | rkd_distance | rkd_angle (see feature.relation)", "kl")
+    relation_temperature: float = doc("relation=kl: the softmax temperature", 0.05)
+
+
 METHODS_DOC = " | ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
 
 
@@ -435,6 +448,9 @@ class Recipe:
     )
     feature: FeatureSpec = doc(
         "hidden-state and attention terms for method feature", default_factory=FeatureSpec
+    )
+    embedding: EmbeddingSpec = doc(
+        "the objective of method embedding", default_factory=EmbeddingSpec
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -656,6 +672,18 @@ def validate(r: Recipe) -> None:
     if c.top_k < 1:
         raise RecipeError(f"`cross_tokenizer.top_k` must be ≥ 1, got {c.top_k}")
     validate_feature(r.feature)
+    e = r.embedding
+    if e.loss not in ("cosine", "mse"):
+        raise RecipeError(f"`embedding.loss` must be cosine or mse, got {e.loss!r}")
+    if e.relation not in ("kl", "mse", "rkd_distance", "rkd_angle"):
+        raise RecipeError(
+            f"`embedding.relation` must be kl, mse, rkd_distance or rkd_angle, got {e.relation!r}"
+        )
+    if min(e.weight, e.relation_weight) < 0 or e.relation_temperature <= 0:
+        raise RecipeError(
+            "`embedding.weight` and `embedding.relation_weight` must be ≥ 0 and "
+            "`embedding.relation_temperature` > 0"
+        )
     if r.data.packing and not method.packing:
         raise RecipeError(
             f"method {r.method} reads one record per row (see its page in docs/methods/), so "

@@ -48,6 +48,16 @@ METHODS: dict[str, MethodInfo] = {
             needs_teacher=True,
         ),
         MethodInfo(
+            "embedding",
+            "potstill.methods.embedding:Embedding",
+            "a sentence-embedding student (e.g. a pruned all-MiniLM-L6-v2); see the embedding "
+            "section",
+            needs_teacher=True,
+            shared_vocabulary=False,  # no logits: nothing compared entry by entry
+            packing=False,  # one sentence per row
+            encoder=True,
+        ),
+        MethodInfo(
             "sft",
             "potstill.methods.sft:SFT",
             "cross-entropy only, no teacher",
