@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from _signals import loss_marker_prelude
 
 from potstill.lm import forward_features, padding_free
 from potstill.losses.feature import (
@@ -205,22 +206,7 @@ def test_impossible_feature_settings_are_refused_naming_the_key(
     assert message in err and "Traceback" not in err
 
 
-KILL_PRELUDE = """
-import os, sys, time
-from potstill.methods.feature import Feature
-marker, pause_at = os.environ["MARKER"], int(os.environ.get("PAUSE_AT", "0"))
-original, calls = Feature.loss, [0]
-def loss(self, *args, **kwargs):
-    calls[0] += 1
-    with open(marker, "a") as f:
-        f.write(f"{calls[0]}\\n")
-    if calls[0] == pause_at:
-        time.sleep(120)
-    return original(self, *args, **kwargs)
-Feature.loss = loss
-from potstill.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+KILL_PRELUDE = loss_marker_prelude("potstill.methods.feature", "Feature")  # tests/_signals.py
 
 
 def test_a_killed_feature_run_resumes_bit_exact_projectors_included(narrow_pair, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _signals import loss_marker_prelude
 from safetensors.torch import load_file
 
 from potstill.prepare import load_models
@@ -25,27 +26,7 @@ GRAD_ACCUM = 4
 STEPS = 6
 SAVE_EVERY = 2
 
-# The CLI behind a prelude that (1) restores Python's SIGINT handler — a process started in the
-# background of a non-interactive shell inherits SIGINT ignored, and then an interrupt test
-# would prove nothing — and (2) appends one line to a marker file per micro-batch loss call and
-# pauses at call PAUSE_AT, where the test sends its signal: a real signal, in a known place.
-PRELUDE = """
-import os, signal, sys, time
-signal.signal(signal.SIGINT, signal.default_int_handler)
-from potstill.methods.sft import SFT
-marker, pause_at = os.environ["MARKER"], int(os.environ.get("PAUSE_AT", "0"))
-original, calls = SFT.loss, [0]
-def loss(self, *args, **kwargs):
-    calls[0] += 1
-    with open(marker, "a") as f:
-        f.write(f"{calls[0]}\\n")
-    if calls[0] == pause_at:
-        time.sleep(120)
-    return original(self, *args, **kwargs)
-SFT.loss = loss
-from potstill.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+PRELUDE = loss_marker_prelude("potstill.methods.sft", "SFT")  # tests/_signals.py
 
 
 @pytest.fixture(scope="module")
