@@ -12,6 +12,7 @@ distilled student:
 
     python benchmarks/embedding.py                 # recipes/embedding.yaml as it is
     python benchmarks/embedding.py --steps 600
+    python benchmarks/embedding.py --attention-weight 1     # plus Q/K/V relations
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def speed(method, model, batched, repeats: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="train.max_steps (recipe's)")
+    parser.add_argument(
+        "--attention-weight",
+        type=float,
+        default=0.0,
+        help="embedding.attention_weight: add MiniLM-v2 Q/K/V relations",
+    )
     args = parser.parse_args()
     from potstill.data import load_records
     from potstill.methods import build_method
@@ -69,6 +76,8 @@ def main() -> None:
                  "train.save_every=0", "train.eval_every=0"]  # fmt: skip
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
+    if args.attention_weight:
+        overrides.append(f"embedding.attention_weight={args.attention_weight}")
     r = load_recipe("recipes/embedding.yaml", overrides)
     before = load_models(r)
     method = build_method(r, vocab_size=before.vocab_size)

@@ -58,10 +58,11 @@ def test_a_pruned_minilm_student_trains_and_loads_in_sentence_transformers(minil
         "train", "recipes/embedding.yaml", "train.max_steps=3", "train.batch_size=8",
         "data.max_train_records=24", "data.max_eval_records=24", "train.eval_every=0",
         "train.save_every=0", "train.log_every=1", f"train.output_dir={out}",
+        "embedding.attention_weight=1.0",
     ]  # fmt: skip
     assert main(args) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["embedding"] > 0 and rows[0]["relation"] > 0
+    assert rows[0]["embedding"] > 0 and rows[0]["relation"] > 0 and rows[0]["attention"] > 0
     final = rows[-1]
     assert 0 < final["eval/recall_at_10"] <= 1 and -1 <= final["eval/spearman"] <= 1
     assert 0.5 < final["eval/cosine_to_teacher"] <= 1

@@ -26,23 +26,24 @@ def test_the_uniform_layer_map_spreads_the_student_over_the_teacher():
     assert uniform_layer_map(3, 2) == [(0, 0), (1, 0), (2, 1)]  # last meets last
 
 
-def naive_relations(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(n, H) -> (heads, n, n) causal relation probabilities, one entry at a time."""
+def naive_relations(x: torch.Tensor, heads: int, causal: bool = True) -> torch.Tensor:
+    """(n, H) -> (heads, n, n) relation probabilities, one entry at a time."""
     n, width = x.shape
     d = width // heads
     out = torch.zeros(heads, n, n)
     for a in range(heads):
         part = x[:, a * d : (a + 1) * d]
         for i in range(n):
-            scores = torch.stack([part[i] @ part[j] / math.sqrt(d) for j in range(i + 1)])
-            out[a, i, : i + 1] = torch.softmax(scores, 0)
+            seen = i + 1 if causal else n
+            scores = torch.stack([part[i] @ part[j] / math.sqrt(d) for j in range(seen)])
+            out[a, i, :seen] = torch.softmax(scores, 0)
     return out
 
 
-def naive_kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def naive_kl_rows(p: torch.Tensor, q: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """KL(p ‖ q) per row over the causal entries, averaged over the first dim. -> (n,)"""
     n = p.shape[-1]
-    keep = torch.ones(n, n).tril().bool()
+    keep = torch.ones(n, n).tril().bool() if causal else torch.ones(n, n).bool()
     terms = torch.where(keep, p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log()), 0.0)
     return terms.sum(-1).mean(0)
 
@@ -58,6 +59,11 @@ def test_minilm_relations_match_the_naive_reference_across_widths():
     (g2,) = torch.autograd.grad(ref.sum(), student)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
     assert (got >= -1e-6).all()
+    bidirectional = relation_kl(student, teacher, heads=3, causal=False)  # an encoder's
+    ref = naive_kl_rows(
+        naive_relations(teacher, 3, causal=False), naive_relations(student, 3, causal=False), False
+    )
+    torch.testing.assert_close(bidirectional, ref, rtol=1e-5, atol=1e-6)
     same = relation_kl(teacher, teacher, heads=3)
     assert same.abs().max() < 1e-5
     with pytest.raises(ValueError, match="relation heads"):
@@ -317,3 +323,32 @@ def test_a_few_steps_of_each_recipe_on_the_bundled_pair(recipe, tmp_path, smollm
     term = "hidden" if recipe == "feature_hidden" else "attention"
     assert rows[0][term] > 0 and rows[0]["soft"] > 0
     assert math.isfinite(rows[-1]["eval/teacher_kl"])
+
+
+def test_a_packed_row_gives_the_terms_of_its_documents_as_separate_rows(narrow_pair):
+    """Two documents packed in one row (positions restarting at 0) against the same two as
+    padded rows: every term — attention and relations only within a document — is the same."""
+    from potstill.data import Example, collate
+    from potstill.methods import build_method
+    from potstill.prepare import load_models
+    from potstill.recipe import load_recipe
+
+    r = load_recipe(narrow_pair / "r.yaml")
+    models = load_models(r)
+    method = build_method(r, vocab_size=models.vocab_size)
+    method.attach(models.student, models.teacher)
+    a, b = [5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15]
+    rows = collate(
+        [Example(a, [False, False, True, True, True, True, True]),
+         Example(b, [False, True, True, True])],
+        pad_token_id=0,
+    )  # fmt: skip
+    packed = collate(
+        [Example(a + b, [False, False, True, True, True, True, True, False, True, True, True],
+                 position_ids=[*range(len(a)), *range(len(b))])],
+        pad_token_id=0,
+    )  # fmt: skip
+    sums = [method.loss(models.student, models.teacher, batch) for batch in (rows, packed)]
+    assert set(sums[0].terms) == {"soft", "hidden", "attention", "relation"}
+    for name in sums[0].terms:
+        torch.testing.assert_close(sums[0].terms[name], sums[1].terms[name], rtol=1e-4, atol=1e-5)

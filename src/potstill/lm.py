@@ -111,22 +111,7 @@ def forward_features(
     queries (after rotary embeddings), keys and values their attention used (with its scaling),
     padded or padding-free alike (:func:`_capturing_attention`)."""
     keep, documents = token_layout(batch)
-    store: dict[int, tuple[Tensor, Tensor, Tensor, float]] = {}
-    config = unwrap(model).config
-    if attention_layers and config._attn_implementation == "eager":
-        raise RecipeError(
-            f"{type(unwrap(model)).__name__} runs eager attention (it needs what SDPA lacks, "
-            "e.g. soft-capping), whose queries and keys potstill cannot read; drop the attention "
-            "terms (feature.attention_weight=0)"
-        )
-    if attention_layers:
-        token = _CAPTURING.set((frozenset(attention_layers), store))
-        try:
-            with _capture(model):
-                states, packed = _hidden_states(model, batch)
-        finally:
-            _CAPTURING.reset(token)
-    else:
+    with capture_attention(model, attention_layers) as store:
         states, packed = _hidden_states(model, batch)
     if packed is None:  # a padded pass: (B, T, ·) -> (S, ·)
         hidden = tuple(h[keep] for h in states)
@@ -141,6 +126,32 @@ def forward_features(
     if missing:
         raise RuntimeError(f"attention of layers {sorted(missing)} was not seen in the pass")
     return Features(hidden, attention, documents, keep)
+
+
+@contextmanager
+def capture_attention(
+    model: nn.Module, layers: Sequence[int]
+) -> Iterator[dict[int, tuple[Tensor, Tensor, Tensor, float]]]:
+    """Inside this block, the model's calls note the query (after rotary embeddings), key and
+    value of ``layers`` as their attention receives them, with its scaling: ``{layer: (q, k, v,
+    scale)}``, each (B, heads, T, D) from a padded pass, (1, heads, S, D) from a padding-free one.
+    The attention itself runs as it would have (:func:`_capturing_attention`)."""
+    store: dict[int, tuple[Tensor, Tensor, Tensor, float]] = {}
+    if not layers:
+        yield store
+        return
+    if unwrap(model).config._attn_implementation == "eager":
+        raise RecipeError(
+            f"{type(unwrap(model)).__name__} runs eager attention (it needs what SDPA lacks, "
+            "e.g. soft-capping), whose queries and keys potstill cannot read; drop the attention "
+            "terms (their weight = 0)"
+        )
+    token = _CAPTURING.set((frozenset(layers), store))
+    try:
+        with _capture(model):
+            yield store
+    finally:
+        _CAPTURING.reset(token)
 
 
 def token_layout(batch: dict[str, Tensor]) -> tuple[Tensor, tuple[tuple[int, int], ...]]:

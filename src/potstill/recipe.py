@@ -418,6 +418,11 @@ class EmbeddingSpec:
     relation_weight: float = doc("weight of the batch's similarity-structure term (0: off)", 0.0)
     relation: str = doc("kl | mse | rkd_distance | rkd_angle (see feature.relation)", "kl")
     relation_temperature: float = doc("relation=kl: the softmax temperature", 0.05)
+    attention_weight: float = doc(
+        "weight of MiniLM-v2's Q/K/V relations, last student layer to last teacher layer (0: off)",
+        0.0,
+    )
+    relation_heads: int = doc("attention: relation heads; must divide both widths", 12)
 
 
 METHODS_DOC = " | ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
@@ -679,11 +684,13 @@ def validate(r: Recipe) -> None:
         raise RecipeError(
             f"`embedding.relation` must be kl, mse, rkd_distance or rkd_angle, got {e.relation!r}"
         )
-    if min(e.weight, e.relation_weight) < 0 or e.relation_temperature <= 0:
+    if min(e.weight, e.relation_weight, e.attention_weight) < 0 or e.relation_temperature <= 0:
         raise RecipeError(
-            "`embedding.weight` and `embedding.relation_weight` must be ≥ 0 and "
-            "`embedding.relation_temperature` > 0"
+            "`embedding.weight`, `embedding.relation_weight` and `embedding.attention_weight` "
+            "must be ≥ 0 and `embedding.relation_temperature` > 0"
         )
+    if e.relation_heads < 1:
+        raise RecipeError(f"`embedding.relation_heads` must be ≥ 1, got {e.relation_heads}")
     if r.data.packing and not method.packing:
         raise RecipeError(
             f"method {r.method} reads one record per row (see its page in docs/methods/), so "

@@ -14,7 +14,8 @@ attention, not only its output distribution. Pure functions of tensors; per-toke
     student's attention probabilities, head by head; head counts must match.
 
 Relations and attention are causal (a token relates to itself and the tokens before it, as a
-decoder attends) and live within one document: the caller passes one document's vectors at a
+decoder attends; relations take ``causal=False`` for a bidirectional encoder) and live within one
+document: the caller passes one document's vectors at a
 time, so a packed or padding-free batch never relates two documents.
 """
 
@@ -55,8 +56,11 @@ def hidden_distance(student: Tensor, teacher: Tensor, *, loss: str, normalize: b
     raise ValueError(f"hidden loss must be one of {HIDDEN_LOSSES}, got {loss!r}")
 
 
-def _causal_log_softmax(scores: Tensor) -> Tensor:
-    """Row-wise log-softmax over columns ≤ the row. (..., n, n) -> (..., n, n), −inf above."""
+def _causal_log_softmax(scores: Tensor, causal: bool = True) -> Tensor:
+    """Row-wise log-softmax over columns ≤ the row (every column when not ``causal``).
+    (..., n, n) -> (..., n, n), −inf above the diagonal when causal"""
+    if not causal:
+        return torch.log_softmax(scores, dim=-1)
     n = scores.shape[-1]
     future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
     return torch.log_softmax(scores.masked_fill(future, float("-inf")), dim=-1)
@@ -68,6 +72,11 @@ def _row_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(torch.isfinite(log_p), terms, 0.0).sum(-1)
 
 
+def token_vectors(x: Tensor) -> Tensor:
+    """(heads, n, D) -> (n, heads · D): a layer's Q, K or V as one vector per token."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     """(n, H) -> (heads, n, H / heads)"""
     n, width = x.shape
@@ -76,23 +85,24 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
     return x.reshape(n, heads, width // heads).transpose(0, 1)
 
 
-def _relation_rows(student: Tensor, teacher: Tensor, heads: int) -> Tensor:
+def _relation_rows(student: Tensor, teacher: Tensor, heads: int, causal: bool) -> Tensor:
     s, t = _split_heads(student.float(), heads), _split_heads(teacher.float(), heads)
-    log_s = _causal_log_softmax(s @ s.transpose(1, 2) / math.sqrt(s.shape[-1]))  # (R, n, n)
-    log_t = _causal_log_softmax(t @ t.transpose(1, 2) / math.sqrt(t.shape[-1]))
-    return _row_kl(log_t, log_s).mean(0)  # (n,) averaged over relation heads
+    log_s = _causal_log_softmax(s @ s.transpose(1, 2) / math.sqrt(s.shape[-1]), causal)
+    log_t = _causal_log_softmax(t @ t.transpose(1, 2) / math.sqrt(t.shape[-1]), causal)
+    return _row_kl(log_t, log_s).mean(0)  # (n,) averaged over relation heads; (R, n, n) above
 
 
-def relation_kl(student: Tensor, teacher: Tensor, *, heads: int) -> Tensor:
+def relation_kl(student: Tensor, teacher: Tensor, *, heads: int, causal: bool = True) -> Tensor:
     """MiniLM-v2 relation loss of one document's vectors (its Q, K or V at one layer).
 
     student (n, H_s), teacher (n, H_t) with H_s and H_t divisible by ``heads`` -> (n,) fp32: per
     token, KL(teacher ‖ student) between the softmax-normalised scaled dot products of the token
-    with itself and the tokens before it, averaged over the relation heads. The ``[heads, n, n]``
-    relations are rebuilt in backward rather than kept (one relation's at a time)."""
+    with itself and the tokens before it (every token of the document when not ``causal``: a
+    bidirectional encoder), averaged over the relation heads. The ``[heads, n, n]`` relations
+    are rebuilt in backward rather than kept (one relation's at a time)."""
     if torch.is_grad_enabled() and student.requires_grad:
-        return checkpoint(_relation_rows, student, teacher, heads, use_reentrant=False)
-    return _relation_rows(student, teacher, heads)
+        return checkpoint(_relation_rows, student, teacher, heads, causal, use_reentrant=False)
+    return _relation_rows(student, teacher, heads, causal)
 
 
 def _attention_rows(

@@ -13,7 +13,9 @@ Objective, summed over the batch's sentences (the loop divides by their number):
   squared difference (``mse``), through a learned linear projector where the widths differ;
 * ``relation`` — the batch's similarity structure (:mod:`potstill.losses.feature`): softmax KL or
   MSE of each sentence's cosine similarities to the others, or RKD's distance / angle terms;
-  width-free.
+  width-free;
+* ``attention`` — MiniLM-v2's Q–Q, K–K and V–V relations of the student's last layer against the
+  teacher's, bidirectional, split into ``embedding.relation_heads`` heads (any head counts).
 
 Held-out evaluation embeds the held-out sentences with both models: mean cosine to the teacher,
 recall@10 of the teacher's own ten nearest neighbours, and the Spearman correlation of all pairwise
@@ -34,16 +36,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from potstill.data import Example
-from potstill.errors import DataError
-from potstill.lm import unwrap
-from potstill.losses.feature import rkd_angle, rkd_distance, similarity_kl, similarity_mse
+from potstill.errors import DataError, RecipeError
+from potstill.lm import capture_attention, unwrap
+from potstill.losses.feature import (
+    relation_kl,
+    rkd_angle,
+    rkd_distance,
+    similarity_kl,
+    similarity_mse,
+    token_vectors,
+)
 from potstill.losses.objective import LossSums, weighted_sums
 from potstill.methods.base import Method
 
 if TYPE_CHECKING:
     from potstill.recipe import Recipe
 
-EMBEDDING, RELATION = "embedding", "relation"
+EMBEDDING, RELATION, ATTENTION = "embedding", "relation", "attention"
 RELATIONS = {
     "kl": similarity_kl,
     "mse": similarity_mse,
@@ -102,6 +111,9 @@ class Embedding(Method, name="embedding"):
     relation_weight: float = 0.0
     relation: str = "kl"
     relation_temperature: float = 0.05
+    attention_weight: float = 0.0  # MiniLM-v2 Q/K/V relations of the last layers
+    relation_heads: int = 12
+    attention_layers: tuple[int, int] | None = None  # (student, teacher) layer, set by attach
     teacher_folder: str | None = None  # a local sentence-transformers folder, if the teacher is
     pooling: str = "mean"
     normalize: bool = True
@@ -126,6 +138,8 @@ class Embedding(Method, name="embedding"):
             relation_weight=e.relation_weight,
             relation=e.relation,
             relation_temperature=e.relation_temperature,
+            attention_weight=e.attention_weight,
+            relation_heads=e.relation_heads,
             teacher_folder=folder,
             pooling=pooling,
             normalize=normalize,
@@ -135,6 +149,12 @@ class Embedding(Method, name="embedding"):
         terms = [f"{self.loss_kind} ×{self.embedding_weight}"]
         if self.relation_weight:
             terms.append(f"relation {self.relation} ×{self.relation_weight}")
+        if self.attention_weight:
+            s, t = self.attention_layers or ("last", "last")
+            terms.append(
+                f"Q/K/V relations ({self.relation_heads} heads, layers {s}→{t}) "
+                f"×{self.attention_weight}"
+            )
         how = f"{self.pooling} pooling{', normalised' if self.normalize else ''}"
         projector = "; a projector to the teacher's width" if self.projector is not None else ""
         return f"embedding: {' + '.join(terms)} per sentence ({how}){projector}"
@@ -154,9 +174,15 @@ class Embedding(Method, name="embedding"):
         return torch.tensor(batch["input_ids"].shape[0], device=batch["input_ids"].device)
 
     def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        s, t = unwrap(student).config.hidden_size, unwrap(teacher).config.hidden_size
-        if s != t and self.embedding_weight:
-            self.projector = nn.Linear(s, t, bias=False)
+        s_cfg, t_cfg = unwrap(student).config, unwrap(teacher).config
+        if s_cfg.hidden_size != t_cfg.hidden_size and self.embedding_weight:
+            self.projector = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size, bias=False)
+        self.attention_layers = (s_cfg.num_hidden_layers - 1, t_cfg.num_hidden_layers - 1)
+        widths = (s_cfg.hidden_size, t_cfg.hidden_size)  # BERT: Q, K and V are as wide
+        if self.attention_weight and any(w % self.relation_heads for w in widths):
+            raise RecipeError(
+                f"embedding.relation_heads={self.relation_heads} must divide both widths {widths}"
+            )
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"projector": self.projector} if self.projector is not None else {}
@@ -170,10 +196,16 @@ class Embedding(Method, name="embedding"):
     def loss(
         self, student: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor]
     ) -> LossSums:
-        s = self.embed(student, batch)  # (B, H_s)
-        with torch.no_grad():
+        layers = self.attention_layers if self.attention_weight else None
+        with capture_attention(student, [layers[0]] if layers else []) as s_qkv:
+            s = self.embed(student, batch)  # (B, H_s)
+        with torch.no_grad(), capture_attention(teacher, [layers[1]] if layers else []) as t_qkv:
             t = self.embed(teacher, batch)  # (B, H_t)
         terms, weights = {}, {}
+        if layers:
+            (*qkv_s, _), (*qkv_t, _) = s_qkv[layers[0]], t_qkv[layers[1]]  # (B, heads, T, D)
+            terms[ATTENTION] = self.attention_sum(qkv_s, qkv_t, batch["attention_mask"])
+            weights[ATTENTION] = self.attention_weight
         if self.embedding_weight:
             projected = self.projector(s) if self.projector is not None else s
             if self.loss_kind == "cosine":
@@ -186,6 +218,19 @@ class Embedding(Method, name="embedding"):
             terms[RELATION] = RELATIONS[self.relation](s, t, **kw).sum()
             weights[RELATION] = self.relation_weight
         return weighted_sums(terms, weights, s)
+
+    def attention_sum(self, qkv_s: list[Tensor], qkv_t: list[Tensor], mask: Tensor) -> Tensor:
+        """Σ over sentences of MiniLM-v2's bidirectional Q–Q, K–K, V–V relation KL, averaged over
+        each sentence's tokens and the three relations."""
+        total = mask.new_zeros((), dtype=torch.float32)
+        for b, n in enumerate(mask.sum(1).tolist()):
+            per = sum(
+                relation_kl(token_vectors(x[b, :, :n]), token_vectors(y[b, :, :n]),
+                            heads=self.relation_heads, causal=False).mean()
+                for x, y in zip(qkv_s, qkv_t, strict=True)
+            )  # fmt: skip
+            total = total + per / 3
+        return total
 
     @torch.no_grad()
     def evaluate(

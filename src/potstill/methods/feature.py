@@ -41,6 +41,7 @@ from potstill.losses.feature import (
     rkd_distance,
     similarity_kl,
     similarity_mse,
+    token_vectors,
     uniform_layer_map,
 )
 from potstill.losses.objective import LossSums
@@ -240,7 +241,9 @@ class Feature(Method, name="feature"):
                 if self.attention == "relations":
                     per_token = (
                         sum(
-                            relation_kl(_flat(x), _flat(y), heads=self.relation_heads)
+                            relation_kl(
+                                token_vectors(x), token_vectors(y), heads=self.relation_heads
+                            )
                             for x, y in zip(doc_s, doc_t, strict=True)
                         )
                         / 3
@@ -252,11 +255,6 @@ class Feature(Method, name="feature"):
                     )  # fmt: skip
                 total = total + per_token[rows].sum()
         return total / len(self.attention_pairs)
-
-
-def _flat(x: Tensor) -> Tensor:
-    """(heads, n, D) -> (n, heads · D): a layer's Q, K or V as one vector per token."""
-    return x.transpose(0, 1).reshape(x.shape[1], -1)
 
 
 def _qkv_widths(config) -> tuple[int, int]:
