@@ -423,11 +423,12 @@ def train(
     log = MetricsLog(out, enabled=main, resume_step=state["step"])
     if main:
         print(precision_note(t.precision, accelerator.device.type))
-        print(
-            "forward passes: padding-free (real tokens only, attention per document)"
-            if t.padding_free
-            else "forward passes: padded batches (train.padding_free=false)"
-        )
+        if not method.info.encoder:  # encoders attend both ways over padded batches
+            print(
+                "forward passes: padding-free (real tokens only, attention per document)"
+                if t.padding_free
+                else "forward passes: padded batches (train.padding_free=false)"
+            )
         print(method.describe())  # which loss path runs, among other things
     params = [p for m in (student, *extras) for p in m.parameters() if p.requires_grad]
     bar = tqdm(
