@@ -200,3 +200,19 @@ def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
     n = student.shape[0]
     per = F.smooth_l1_loss(angles(student), angles(teacher), reduction="none")  # (B, B, B)
     return per.sum((1, 2)) / max((n - 1) ** 2, 1)
+
+
+BATCH_RELATIONS = {
+    "kl": similarity_kl,
+    "mse": similarity_mse,
+    "rkd_distance": rkd_distance,
+    "rkd_angle": rkd_angle,
+}
+
+
+def batch_relation(kind: str, student: Tensor, teacher: Tensor, *, temperature: float) -> Tensor:
+    """The relation term ``kind`` of :data:`BATCH_RELATIONS` per example (``temperature``: the
+    softmax's, used by ``kl`` only). (B, D_s), (B, D_t) -> (B,)"""
+    if kind == "kl":
+        return similarity_kl(student, teacher, temperature=temperature)
+    return BATCH_RELATIONS[kind](student, teacher)

@@ -38,14 +38,7 @@ from torch import Tensor, nn
 from potstill.data import Example
 from potstill.errors import DataError, RecipeError
 from potstill.lm import capture_attention, unwrap
-from potstill.losses.feature import (
-    relation_kl,
-    rkd_angle,
-    rkd_distance,
-    similarity_kl,
-    similarity_mse,
-    token_vectors,
-)
+from potstill.losses.feature import batch_relation, relation_kl, token_vectors
 from potstill.losses.objective import LossSums, weighted_sums
 from potstill.methods.base import Method
 
@@ -53,12 +46,6 @@ if TYPE_CHECKING:
     from potstill.recipe import Recipe
 
 EMBEDDING, RELATION, ATTENTION = "embedding", "relation", "attention"
-RELATIONS = {
-    "kl": similarity_kl,
-    "mse": similarity_mse,
-    "rkd_distance": rkd_distance,
-    "rkd_angle": rkd_angle,
-}
 # What sentence-transformers reads beside the weights; copied from the teacher's folder.
 SENTENCE_TRANSFORMERS_FILES = (
     "modules.json",
@@ -214,8 +201,9 @@ class Embedding(Method, name="embedding"):
                 per = (projected - t).pow(2).mean(-1)
             terms[EMBEDDING], weights[EMBEDDING] = per.sum(), self.embedding_weight
         if self.relation_weight and s.shape[0] > 1:
-            kw = {"temperature": self.relation_temperature} if self.relation == "kl" else {}
-            terms[RELATION] = RELATIONS[self.relation](s, t, **kw).sum()
+            terms[RELATION] = batch_relation(
+                self.relation, s, t, temperature=self.relation_temperature
+            ).sum()
             weights[RELATION] = self.relation_weight
         return weighted_sums(terms, weights, s)
 

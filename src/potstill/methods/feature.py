@@ -35,12 +35,9 @@ from potstill.errors import RecipeError
 from potstill.lm import Features, forward_features, unwrap
 from potstill.losses.feature import (
     attention_kl,
+    batch_relation,
     hidden_distance,
     relation_kl,
-    rkd_angle,
-    rkd_distance,
-    similarity_kl,
-    similarity_mse,
     token_vectors,
     uniform_layer_map,
 )
@@ -52,12 +49,6 @@ if TYPE_CHECKING:
     from potstill.recipe import Recipe
 
 HIDDEN, ATTENTION, RELATION = "hidden", "attention", "relation"  # the terms' names in the log
-RELATIONS = {
-    "kl": similarity_kl,
-    "mse": similarity_mse,
-    "rkd_distance": rkd_distance,
-    "rkd_angle": rkd_angle,
-}
 
 
 @dataclass
@@ -205,9 +196,9 @@ class Feature(Method, name="feature"):
             return f_s.hidden[-1].new_zeros((), dtype=torch.float32)
         pooled_s = torch.stack([f_s.hidden[-1][a:b].float().mean(0) for a, b in docs])  # (D, H_s)
         pooled_t = torch.stack([f_t.hidden[-1][a:b].float().mean(0) for a, b in docs])  # (D, H_t)
-        fn = RELATIONS[self.relation]
-        kw = {"temperature": self.relation_temperature} if self.relation == "kl" else {}
-        per_doc = fn(pooled_s, pooled_t, **kw)  # (D,)
+        per_doc = batch_relation(
+            self.relation, pooled_s, pooled_t, temperature=self.relation_temperature
+        )  # (D,)
         weights = torch.stack([supervised[a:b].sum() for a, b in docs]).float()
         return (per_doc * weights).sum()
 
