@@ -109,9 +109,9 @@ def run_cache(r: Recipe) -> dict[str, Any]:
     id_bytes = 2 if vocab_size <= 1 << 16 else 4
     value_bytes = torch.finfo(getattr(torch, settings.dtype)).bits // 8
     entry_bytes = id_bytes + value_bytes
-    count_bytes = 0 if settings.coverage is None else 1 if settings.top_k < 256 else 2
+    position_bytes = 0 if settings.coverage is None else 1 if settings.top_k < 256 else 2
     if settings.tail_samples:
-        count_bytes += settings.tail_samples * id_bytes + value_bytes
+        position_bytes += settings.tail_samples * id_bytes + value_bytes
     seen = {"positions": 0, "entries": 0}
     total = sum(sum(e.target_mask[1:]) for e in (*data.train, *data.eval))
     with tqdm(total=total, unit="tok", desc=f"cache {out.name}", smoothing=0.1) as bar:
@@ -121,7 +121,7 @@ def run_cache(r: Recipe) -> dict[str, Any]:
                 bar.update(positions)
                 seen["positions"] += positions
                 seen["entries"] += entries
-                per = entry_bytes * seen["entries"] / max(seen["positions"], 1) + count_bytes
+                per = entry_bytes * seen["entries"] / max(seen["positions"], 1) + position_bytes
                 bar.set_postfix(split=split, bytes_per_token=f"{per:.1f}")
 
             shards = write_split(

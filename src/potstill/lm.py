@@ -64,12 +64,13 @@ def final_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def _hidden_states(
-    model: nn.Module, batch: dict[str, Tensor]
+    model: nn.Module, batch: dict[str, Tensor], layout: Layout | None = None
 ) -> tuple[tuple[Tensor, ...], Tensor | None]:
     """Every layer's hidden states, ``(B, T, H)`` each from a padded pass, or ``(1, S, H)`` from
-    a padding-free one together with its ``keep`` mask (B, T) (else None)."""
+    a padding-free one together with its ``keep`` mask (B, T) (else None). ``layout``: the
+    batch's :func:`token_layout`, when the caller already has it."""
     none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)  # no logits at all
-    layout = _documents(model, batch) if PADDING_FREE.get() else None
+    layout = _documents(model, batch, layout) if PADDING_FREE.get() else None
     if layout is None:
         out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=none)
         return out.hidden_states, None
@@ -110,9 +111,10 @@ def forward_features(
     """One forward pass keeping every layer's hidden states and, for ``attention_layers``, the
     queries (after rotary embeddings), keys and values their attention used (with its scaling),
     padded or padding-free alike (:func:`_capturing_attention`)."""
-    keep, documents = token_layout(batch)
+    layout = token_layout(batch)
+    keep, _, documents = layout
     with capture_attention(model, attention_layers) as store:
-        states, packed = _hidden_states(model, batch)
+        states, packed = _hidden_states(model, batch, layout)
     if packed is None:  # a padded pass: (B, T, ·) -> (S, ·)
         hidden = tuple(h[keep] for h in states)
         attention = {
@@ -154,20 +156,26 @@ def capture_attention(
         _CAPTURING.reset(token)
 
 
-def token_layout(batch: dict[str, Tensor]) -> tuple[Tensor, tuple[tuple[int, int], ...]]:
-    """``(keep (B, T) bool, documents)``: the real tokens and each document's (start, end) among
-    them, packed row after row (packed rows hold several documents; see :func:`_documents`)."""
+Layout = tuple[Tensor, Tensor, tuple[tuple[int, int], ...]]  # keep, positions, documents
+
+
+def token_layout(batch: dict[str, Tensor]) -> Layout:
+    """``(keep (B, T) bool, positions (S,), documents)``: the real tokens, their positions, and
+    each document's (start, end) among them, packed row after row. Packed rows restart their
+    positions at 0 at every document; right-padded rows count 0.. per row. A document starts
+    wherever the position does not step by one (transformers' own rule for packed rows,
+    ``find_packed_sequence_indices``) and at every row start."""
     keep = batch["attention_mask"].bool()  # (B, T)
     positions = (
         batch["position_ids"][keep]
         if "position_ids" in batch
         else (keep.long().cumsum(1) - 1)[keep]
-    )
+    )  # (S,)
     rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]  # (S,)
     start = torch.ones_like(positions, dtype=torch.bool)  # (S,)
     start[1:] = (positions[1:] != positions[:-1] + 1) | (rows[1:] != rows[:-1])
     bounds = [*start.nonzero().squeeze(1).tolist(), positions.numel()]  # one host sync
-    return keep, tuple(itertools.pairwise(bounds))
+    return keep, positions, tuple(itertools.pairwise(bounds))
 
 
 @contextmanager
@@ -192,21 +200,15 @@ def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
 
 
 def _documents(
-    model: nn.Module, batch: dict[str, Tensor]
-) -> tuple[Tensor, Tensor, tuple[tuple[int, int], ...]] | None:
-    """``(keep (B, T) bool, positions (S,), documents as (start, end) in the packed row)``, or
-    None where a padded pass is what runs: nothing to drop, or a model this path cannot serve."""
-    keep = batch["attention_mask"].bool()  # (B, T)
-    packed = "position_ids" in batch
-    if not packed and bool(keep.all()):
+    model: nn.Module, batch: dict[str, Tensor], layout: Layout | None = None
+) -> Layout | None:
+    """The batch's :func:`token_layout` (``layout`` if given) for a padding-free pass, or None
+    where a padded pass is what runs: nothing to drop, or a model this path cannot serve."""
+    if "position_ids" not in batch and bool(batch["attention_mask"].bool().all()):
         return None  # full rows, one document each: the padded pass is already padding-free
     if not _supports_varlen(unwrap(model)):
         return None
-    # (S,): packed rows restart at 0 at every document; right-padded rows count 0.. per row
-    positions = batch["position_ids"][keep] if packed else (keep.long().cumsum(1) - 1)[keep]
-    # A document starts wherever the position does not step by one (transformers' own rule for
-    # packed rows, `find_packed_sequence_indices`) and at every row start.
-    return keep, positions, token_layout(batch)[1]
+    return layout if layout is not None else token_layout(batch)
 
 
 def forward_takes_kwargs(model: nn.Module) -> bool:

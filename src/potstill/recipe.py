@@ -677,20 +677,7 @@ def validate(r: Recipe) -> None:
     if c.top_k < 1:
         raise RecipeError(f"`cross_tokenizer.top_k` must be ≥ 1, got {c.top_k}")
     validate_feature(r.feature)
-    e = r.embedding
-    if e.loss not in ("cosine", "mse"):
-        raise RecipeError(f"`embedding.loss` must be cosine or mse, got {e.loss!r}")
-    if e.relation not in ("kl", "mse", "rkd_distance", "rkd_angle"):
-        raise RecipeError(
-            f"`embedding.relation` must be kl, mse, rkd_distance or rkd_angle, got {e.relation!r}"
-        )
-    if min(e.weight, e.relation_weight, e.attention_weight) < 0 or e.relation_temperature <= 0:
-        raise RecipeError(
-            "`embedding.weight`, `embedding.relation_weight` and `embedding.attention_weight` "
-            "must be ≥ 0 and `embedding.relation_temperature` > 0"
-        )
-    if e.relation_heads < 1:
-        raise RecipeError(f"`embedding.relation_heads` must be ≥ 1, got {e.relation_heads}")
+    validate_embedding(r.embedding)
     if r.data.packing and not method.packing:
         raise RecipeError(
             f"method {r.method} reads one record per row (see its page in docs/methods/), so "
@@ -758,20 +745,37 @@ def validate_feature(f: FeatureSpec) -> None:
             "`feature.hidden_weight`, `feature.attention_weight` and `feature.relation_weight` "
             "must be ≥ 0"
         )
-    if f.relation not in ("kl", "mse", "rkd_distance", "rkd_angle"):
-        raise RecipeError(
-            f"`feature.relation` must be kl, mse, rkd_distance or rkd_angle, got {f.relation!r}"
-        )
-    if f.relation_temperature <= 0:
-        raise RecipeError(
-            f"`feature.relation_temperature` must be > 0, got {f.relation_temperature}"
-        )
-    if f.relation_heads < 1:
-        raise RecipeError(f"`feature.relation_heads` must be ≥ 1, got {f.relation_heads}")
+    _validate_relations("feature", f)
     if f.layer_map is not None and any(len(pair) != 2 for pair in f.layer_map):
         raise RecipeError(
             f"`feature.layer_map` takes [student layer, teacher layer] pairs, got {f.layer_map}"
         )
+
+
+def validate_embedding(e: EmbeddingSpec) -> None:
+    if e.loss not in ("cosine", "mse"):
+        raise RecipeError(f"`embedding.loss` must be cosine or mse, got {e.loss!r}")
+    if min(e.weight, e.relation_weight, e.attention_weight) < 0:
+        raise RecipeError(
+            "`embedding.weight`, `embedding.relation_weight` and `embedding.attention_weight` "
+            "must be ≥ 0"
+        )
+    _validate_relations("embedding", e)
+
+
+def _validate_relations(section: str, spec: FeatureSpec | EmbeddingSpec) -> None:
+    """The relation settings ``feature`` and ``embedding`` share."""
+    if spec.relation not in ("kl", "mse", "rkd_distance", "rkd_angle"):
+        raise RecipeError(
+            f"`{section}.relation` must be kl, mse, rkd_distance or rkd_angle, "
+            f"got {spec.relation!r}"
+        )
+    if spec.relation_temperature <= 0:
+        raise RecipeError(
+            f"`{section}.relation_temperature` must be > 0, got {spec.relation_temperature}"
+        )
+    if spec.relation_heads < 1:
+        raise RecipeError(f"`{section}.relation_heads` must be ≥ 1, got {spec.relation_heads}")
 
 
 def validate_on_policy(r: Recipe) -> None:

@@ -165,9 +165,23 @@ class _Objective:
         return soft, grad
 
 
-def check_tail_args(tail: Tensor | None, entropy: Tensor | None, *, kind: str, sparse: bool):
+def check_sparse_teacher(
+    ids: Tensor | None,
+    logprobs: Tensor | None,
+    tail: Tensor | None,
+    entropy: Tensor | None,
+    *,
+    kind: str,
+    rows: int,
+) -> None:
+    """The top-k teacher's arguments (``ids`` None: a dense teacher, which takes no tail)."""
+    if ids is not None and (ids.shape != logprobs.shape or ids.shape[0] != rows):
+        raise ValueError(
+            f"teacher_ids {tuple(ids.shape)} and teacher_logprobs {tuple(logprobs.shape)} "
+            f"must both be (N, k) with N = {rows}"
+        )
     if (tail is not None) != (entropy is not None) or (
-        tail is not None and (not sparse or kind != "forward_kl")
+        tail is not None and (ids is None or kind != "forward_kl")
     ):
         raise ValueError(
             "teacher_tail and teacher_tail_entropy come together, with teacher_ids and "
@@ -366,12 +380,10 @@ def fused_distill_sums(
         raise ValueError(f"pass the teacher in exactly one of these forms: {', '.join(views)}")
     vocab = student_weight.shape[0]
     sparse = teacher_ids is not None
-    if sparse and teacher_ids.shape != teacher_logprobs.shape:
-        raise ValueError(
-            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
-            f"{tuple(teacher_logprobs.shape)} must both be (N, k)"
-        )
-    check_tail_args(teacher_tail, teacher_tail_entropy, kind=kind, sparse=sparse)
+    check_sparse_teacher(
+        teacher_ids, teacher_logprobs, teacher_tail, teacher_tail_entropy,
+        kind=kind, rows=labels.shape[0],
+    )  # fmt: skip
     if not sparse:
         teacher_vocab = (
             teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from potstill.losses.divergences import check_divergence_args, pointwise_divergence
-from potstill.losses.fused import check_tail_args, fused_distill_sums
+from potstill.losses.fused import check_sparse_teacher, fused_distill_sums
 from potstill.losses.objective import HARD, SOFT, LossSums, weighted_sums
 from potstill.losses.rows import (
     chunked_rows,
@@ -32,15 +32,6 @@ from potstill.losses.rows import (
     tail_term,
     with_other,
 )
-
-
-def coarse_student(logits: Tensor, teacher_ids: Tensor, temperature: float) -> Tensor:
-    """The student's log-probabilities of the teacher's k events plus "other".
-
-    logits (c, V) fp32, teacher_ids (c, k) -> (c, k+1)"""
-    log_q = torch.log_softmax(logits / temperature, dim=-1)  # (c, V)
-    events, _, log_other = split_tail(log_q, teacher_ids)
-    return torch.cat([events, log_other], dim=-1)
 
 
 def sparse_distill_sums(
@@ -89,14 +80,7 @@ def sparse_distill_sums(
         :class:`potstill.losses.LossSums` with the unweighted ``soft`` / ``hard`` sums of the
         terms whose weight is non-zero.
     """
-    check_divergence_args(kind, temperature=temperature, beta=beta, alpha=alpha)
-    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
-            f"{tuple(teacher_logprobs.shape)} must both be (N, k) with N = {labels.shape[0]}"
-        )
-    check_tail_args(teacher_tail, teacher_tail_entropy, kind=kind, sparse=True)
-    if softcap is None:  # the fused engine: gradients in the forward pass, nothing recomputed
+    if softcap is None:  # the fused engine (which checks the arguments): gradients in forward
         return fused_distill_sums(
             student_hidden, student_weight, labels, teacher_ids=teacher_ids,
             teacher_logprobs=teacher_logprobs, teacher_tail=teacher_tail,
@@ -106,6 +90,11 @@ def sparse_distill_sums(
             compile=compile,
         )  # fmt: skip
     # Final-logit soft-capping: autograd through checkpointed chunks (each recomputed in backward)
+    check_divergence_args(kind, temperature=temperature, beta=beta, alpha=alpha)
+    check_sparse_teacher(
+        teacher_ids, teacher_logprobs, teacher_tail, teacher_tail_entropy,
+        kind=kind, rows=labels.shape[0],
+    )  # fmt: skip
     keep = labels != ignore_index  # (N,)
     hidden, y = student_hidden[keep], labels[keep]  # (n, H), (n,)
     ids = teacher_ids[keep].long()  # (n, k)
@@ -118,14 +107,16 @@ def sparse_distill_sums(
         logits = head_logits_fp32(h, w, b, softcap)  # (c, V), one chunk
         soft = hard = logits.new_zeros(h.shape[0])
         if soft_weight:
-            coarse = coarse_student(logits, ids, temperature)  # (c, k+1)
-            log_q, log_p, present = present_events(coarse, log_p)  # (c, k+1) each
-            terms = pointwise_divergence(log_q, log_p, kind, temperature, beta, alpha)
+            log_q = torch.log_softmax(logits / temperature, dim=-1)  # (c, V)
+            events, _, log_other = split_tail(log_q, ids)  # (c, k), (c, 1)
+            coarse = torch.cat([events, log_other], dim=-1)  # (c, k+1)
+            coarse, log_p, present = present_events(coarse, log_p)  # (c, k+1) each
+            terms = pointwise_divergence(coarse, log_p, kind, temperature, beta, alpha)
             soft = torch.where(present, terms, 0.0).sum(-1)
             if tail:  # (c, m) samples, (c,) entropy
-                at_samples = torch.log_softmax(logits / temperature, -1).gather(1, tail[0])
                 p_other = log_p[:, -1:].exp()
-                soft = soft + tail_term(at_samples, coarse[:, -1:], p_other, tail[1], temperature)
+                sampled = log_q.gather(1, tail[0])  # (c, m)
+                soft = soft + tail_term(sampled, log_other, p_other, tail[1], temperature)
         if hard_weight:
             hard = -label_logprob(logits, y)  # (c,) at T = 1
         return soft, hard
