@@ -1,5 +1,5 @@
 """potstill's command line: ``train``, ``check``, ``evaluate``, ``generate``, ``cache``,
-``serve``, ``demo`` and ``keys``."""
+``serve``, ``export``, ``demo`` and ``keys``."""
 
 from __future__ import annotations
 
@@ -138,6 +138,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from potstill.export import export_gguf
+
+    done = export_gguf(args.model_dir, args.gguf, args.type)
+    counts: dict[str, int] = {}
+    for kind in done.tensor_types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    print(
+        f"wrote {done.path} ({done.architecture}, {done.type}: {kinds}; {done.bytes / 2**20:.1f} MiB)"
+    )
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from potstill.recipe import Recipe, all_keys
 
@@ -260,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser(
+        "export",
+        help="write a saved student as a GGUF file for llama.cpp",
+        description=(
+            "Write MODEL_DIR (a train run's model/ folder, or any Llama-family / Qwen2 "
+            "Hugging Face folder) as GGUF with its tokenizer and chat template. A student trained "
+            "with student.qat exports to exactly the weights it trained with."
+        ),
+    )
+    p.add_argument("model_dir", help="a Hugging Face model folder, e.g. runs/train/model")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the file to write")
+    p.add_argument(
+        "--type",
+        choices=["f16", "q8_0", "q4_0"],
+        default=None,
+        help="weights format (default: the grid a QAT student trained on, else f16); q4_0 keeps "
+        "the token embedding / output at q8_0 and norms at f32",
+    )
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("keys", help="list every recipe key with its default and meaning")
     p.set_defaults(fn=cmd_keys)
     return parser

@@ -36,6 +36,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from potstill.data import model_inputs
 from potstill.errors import RecipeError
+from potstill.students import effective_head_weight
 
 PADDING_FREE: ContextVar[bool] = ContextVar("potstill_padding_free", default=True)
 VARLEN = "potstill_varlen"  # the attention implementation of padding-free passes
@@ -325,7 +326,7 @@ def lm_head(model: nn.Module, vocab_size: int | None = None) -> tuple[Tensor, Te
     """The output projection as ``(weight (V, H), bias (V,) or None)``, sliced to ``vocab_size``
     (padded embedding rows are not real tokens)."""
     head = unwrap(model).get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
+    weight, bias = effective_head_weight(head), getattr(head, "bias", None)
     if _sharded(weight):
         raise RecipeError(
             f"the LM head's weight is sharded across processes ({type(weight).__name__} of "

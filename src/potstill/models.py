@@ -106,6 +106,8 @@ def load_model(
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path, gguf_file = resolve_model_path(name)
+    if gguf_file is None and (Path(path) / "adapter_config.json").is_file():
+        return _load_adapter(path, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         from transformers import AutoModel, AutoModelForCausalLM  # here: it imports Accelerate
 
@@ -117,6 +119,21 @@ def load_model(
     except (OSError, ValueError) as err:
         raise _load_error("model", name, err) from err
     return drop_gguf_quantizer(model) if gguf_file else model
+
+
+def _load_adapter(path: str, **kw: Any) -> PreTrainedModel:
+    """A PEFT LoRA adapter folder (``student.lora.save: adapter``): its base model with the
+    adapters merged in."""
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((Path(path) / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    )
+    if not base:
+        raise ModelLoadError(f"{path}/adapter_config.json names no base_model_name_or_path")
+    return PeftModel.from_pretrained(load_model(base, **kw), path).merge_and_unload()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from potstill import students
 from potstill.data import Example, TokenizeStats, load_records, tokenize_records
 from potstill.errors import DataError, RecipeError
 from potstill.methods.registry import MethodInfo, method_info
@@ -180,6 +181,9 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(r.train.seed)
             student = student_from_config(source, s.config_overrides)
+    students.prepare(
+        student, s, r.train.seed
+    )  # LoRA adapters / QAT grid, before anything reads the weights
     tokenizer = load_tokenizer(source, trust_remote_code=s.trust_remote_code)
     vocab_size = None
     teacher_tok = None
@@ -212,6 +216,7 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
         )
     print(
         f"student: {count_parameters(student) / 1e6:.1f}M parameters ({s.init} from {source})"
+        + students.describe(student)
         + (
             f"; teacher: {count_parameters(teacher) / 1e6:.1f}M ({r.teacher.model})"
             if teacher is not None

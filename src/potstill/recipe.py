@@ -95,6 +95,44 @@ class CacheSpec:
 
 
 @dataclass
+class LoraSpec:
+    """``student.lora``: train low-rank adapters (PEFT LoRA) instead of the student's weights."""
+
+    r: int = doc("adapter rank; 0 = no LoRA (every weight trains)", 0)
+    alpha: float = doc("scaling numerator: the update is (alpha / r)·BA", 16.0)
+    dropout: float = doc("dropout on the adapters' input (keep 0 if lm_head is a target)", 0.0)
+    target_modules: list[str] = doc(
+        "module names (or [all-linear]) that get adapters; lm_head is allowed",
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    )
+    save: str = doc(
+        "merged (a plain model: W + (alpha/r)·BA) | adapter (a PEFT adapter folder over "
+        "student.model; needs student.init: pretrained)",
+        "merged",
+    )
+
+
+@dataclass
+class QatSpec:
+    """``student.qat``: quantization-aware training on a GGUF block grid."""
+
+    format: str | None = doc(
+        "q8_0 | q4_0 | null (off): train on this GGUF grid (fake quantization, straight-through "
+        "gradients); decoder projections take the format, the token embedding and LM head Q8_0, "
+        "norms stay float; the saved model holds the rounded weights",
+        None,
+    )
+
+
+@dataclass
 class StudentSpec:
     model: str | None = doc(
         "Hub id, local dir, .gguf or bundled:…; unset = derive from the teacher", None
@@ -111,6 +149,8 @@ class StudentSpec:
         "master weights dtype; keep float32 (train.precision picks the compute dtype)", "float32"
     )
     trust_remote_code: bool = doc("run model code from the Hub repo (only if you trust it)", False)
+    lora: LoraSpec = doc("low-rank adapters (PEFT LoRA)", default_factory=LoraSpec)
+    qat: QatSpec = doc("quantization-aware training on a GGUF grid", default_factory=QatSpec)
 
 
 @dataclass
@@ -605,6 +645,36 @@ def load_recipe(
     return recipe
 
 
+def validate_student_transforms(r: Recipe) -> None:
+    """``student.lora`` and ``student.qat``."""
+    from potstill.quant import FORMATS
+
+    lora, qat = r.student.lora, r.student.qat
+    if qat.format is not None and qat.format not in FORMATS:
+        raise RecipeError(
+            f"`student.qat.format` must be one of {FORMATS} or null, got {qat.format!r}"
+        )
+    if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        raise RecipeError(
+            "`student.lora` needs r >= 0 (0: off), alpha > 0 and 0 <= dropout < 1, got "
+            f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}"
+        )
+    if lora.save not in ("merged", "adapter"):
+        raise RecipeError(f"`student.lora.save` must be merged or adapter, got {lora.save!r}")
+    if lora.r and lora.save == "adapter" and r.student.init != "pretrained":
+        raise RecipeError(
+            "`student.lora.save: adapter` saves adapters over student.model, but a "
+            f"student.init: {r.student.init} student has no saved base to load them on: use "
+            "student.lora.save: merged (or save the initialised student first and start from it)"
+        )
+    if lora.r and qat.format:
+        raise RecipeError(
+            "`student.lora` and `student.qat` together are not supported: the adapters' update "
+            "would sit outside the quantized grid. Train LoRA, save merged, then run QAT on the "
+            "merged student (student.model: that run's model/ folder)"
+        )
+
+
 def validate(r: Recipe) -> None:
     """Cross-field checks that need no model or data."""
     from potstill.losses.divergences import check_divergence_args
@@ -632,6 +702,7 @@ def validate(r: Recipe) -> None:
         raise RecipeError(
             "`student.init: config` needs a config source: `student.model` or `teacher.model`"
         )
+    validate_student_transforms(r)
     for key in ("teacher.dtype", "student.dtype"):
         value = getattr(r, key.split(".")[0]).dtype
         if value not in ("float32", "bfloat16", "float16", "auto"):

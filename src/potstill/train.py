@@ -40,13 +40,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from potstill import students
 from potstill.data import Example, collate
 from potstill.errors import NonFiniteLoss
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.lm import padding_free
 from potstill.losses import normalise, step_normalizer
 from potstill.methods.base import Method
-from potstill.recipe import Recipe
+from potstill.recipe import Recipe, StudentSpec
 from potstill.utils import autocast_dtype, keep_freed_memory, pad_token_id, precision_note
 
 
@@ -230,12 +231,25 @@ def find_checkpoint(out: Path) -> Path | None:
     return old if (old / "state.json").is_file() else None
 
 
-def save_model(accelerator: Accelerator, model: nn.Module, tokenizer: Any, path: Path) -> Path:
-    """The student as a Hugging Face model directory (safetensors + config + tokenizer)."""
+def save_model(
+    accelerator: Accelerator,
+    model: nn.Module,
+    tokenizer: Any,
+    path: Path,
+    student: StudentSpec | None = None,
+) -> Path:
+    """The student as a Hugging Face model directory (safetensors + config + tokenizer), through
+    the student seam (LoRA merged or adapter-only, QAT weights on their grid)."""
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        tmp.mkdir(parents=True)
+        students.save(
+            accelerator.unwrap_model(model),
+            str(tmp),
+            lora_save=student.lora.save if student else "merged",
+            base=student.model if student else None,
+        )
         tokenizer.save_pretrained(tmp)
         _swap_in(tmp, path)
     accelerator.wait_for_everyone()
@@ -541,7 +555,11 @@ def train(
         last_eval = run_eval()
         log.log({"step": state["step"], "tokens": state["tokens"], **last_eval})
     save_checkpoint(accelerator, out, state)
-    model_dir = save_model(accelerator, student, tokenizer, out / "model") if t.save_model else None
+    model_dir = (
+        save_model(accelerator, student, tokenizer, out / "model", recipe.student)
+        if t.save_model
+        else None
+    )
     if t.save_model and main:
         method.finish(model_dir)
         for name, module in zip(named_extras, extras, strict=True):  # beside, never inside

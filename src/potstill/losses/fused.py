@@ -269,10 +269,12 @@ class _FusedDistillation(torch.autograd.Function):
         t_buf = torch.empty(chunk_size, vocab, dtype=t_dtype, device=device) if project else None
         # Accumulate straight into the gradients' own dtype when the matmuls run in it; under
         # autocast (fp32 weights, bf16 matmuls) each chunk's product is added into fp32.
-        if want_grad:
-            grad_hidden = torch.zeros_like(student_hidden)  # (N, H_s)
-            grad_weight = torch.zeros_like(student_weight)  # (V, H_s)
-            grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device)  # (V,)
+        # Only the gradients some input needs: a frozen head (LoRA students) skips its (V, H_s)
+        # product, a third of the backward work.
+        need_h, need_w, need_b = (want_grad and n for n in ctx.needs_input_grad[:3])
+        grad_hidden = torch.zeros_like(student_hidden) if need_h else None  # (N, H_s)
+        grad_weight = torch.zeros_like(student_weight) if need_w else None  # (V, H_s)
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
         term_sums = torch.zeros(2, dtype=torch.float32, device=device)  # soft, hard
         step = _chunk_fn(objective, compiled)
         sub = _SUB_ROWS
@@ -306,19 +308,16 @@ class _FusedDistillation(torch.autograd.Function):
                 if not want_grad:
                     continue
                 g = s_logits  # (n, V) = dL/dlogits
-                grad_hidden[idx] = torch.mm(g, w_s).to(grad_hidden.dtype)  # (n, H_s) = dL/dh
-                if grad_weight.dtype == dtype:
+                if need_h:
+                    grad_hidden[idx] = torch.mm(g, w_s).to(grad_hidden.dtype)  # (n, H_s) = dL/dh
+                if need_w and grad_weight.dtype == dtype:
                     grad_weight.addmm_(g.T, h)  # (V, H_s) += gᵀ h
-                else:
+                elif need_w:
                     grad_weight += torch.mm(g.T, h)
-                if student_bias is not None:
+                if need_b:
                     grad_bias += g.sum(0, dtype=torch.float32)
         del s_buf, t_buf
-        ctx.grads = (
-            [grad_hidden, grad_weight, grad_bias if student_bias is not None else None]
-            if want_grad
-            else [None, None, None]
-        )
+        ctx.grads = [grad_hidden, grad_weight, grad_bias]
         ctx.dtypes = (
             student_hidden.dtype,
             student_weight.dtype,
