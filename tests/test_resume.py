@@ -53,12 +53,22 @@ def tiny_run(tmp_path_factory, tiny_chat_lm):
     return recipe
 
 
-def start(recipe: Path, out: Path, pause_at: int = 0) -> tuple[subprocess.Popen, Path]:
+def start(
+    recipe: Path, out: Path, pause_at: int = 0, overrides: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, Path]:
     marker = out.with_name(out.name + ".calls")
     marker.unlink(missing_ok=True)
     env = {**os.environ, "MARKER": str(marker), "PAUSE_AT": str(pause_at)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", PRELUDE, "train", str(recipe), f"train.output_dir={out}"],
+        [
+            sys.executable,
+            "-c",
+            PRELUDE,
+            "train",
+            str(recipe),
+            *overrides,
+            f"train.output_dir={out}",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -163,3 +173,25 @@ def test_a_random_init_follows_train_seed(tiny_chat_lm, tmp_path):
     assert_bit_identical(first, second)
     other = student(8, global_seed=1)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("student.lora.r=4", "student.lora.target_modules=[q_proj, v_proj, lm_head]"),
+     ("student.qat.format=q4_0",)],
+    ids=["lora", "qat"],
+)  # fmt: skip
+def test_sigkill_resumes_lora_and_qat_students_exactly(tiny_run, tmp_path, overrides):
+    """The adapters (LoRA) and the master weights behind the grid (QAT) are what a checkpoint
+    holds; a killed run ends with the saved student an uninterrupted one saves."""
+    proc, _ = start(tiny_run, tmp_path / "whole", overrides=overrides)
+    finish(proc)
+    out = tmp_path / "killed"
+    call = (SAVE_EVERY + 1) * GRAD_ACCUM + 1  # the first micro-batch after the first checkpoint
+    proc, marker = start(tiny_run, out, pause_at=call, overrides=overrides)
+    wait_for_call(proc, marker, call)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    proc, _ = start(tiny_run, out, overrides=overrides)
+    assert f"at step {SAVE_EVERY}/{STEPS}" in finish(proc)
+    assert_bit_identical(final_weights(out), final_weights(tmp_path / "whole"))

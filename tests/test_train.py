@@ -54,7 +54,9 @@ def run(tmp_path, setup, *overrides, student=None, method_patch=None, on_log=Non
     if method_patch:
         method = method_patch(method)
     if student is None:
-        student = prune_layers(teacher, [0, 3]).requires_grad_(True)
+        student = prune_layers(teacher, [0, 3])
+    if not students.is_transformed(student):  # (a LoRA student keeps its frozen weights frozen)
+        student.requires_grad_(True)
     result = train(
         recipe, method, student=student, tokenizer=tok, train_examples=examples, eval_examples=examples[:4],
         teacher=teacher if method.needs_teacher else None, eval_teacher=teacher, vocab_size=len(tok), on_log=on_log,

@@ -146,7 +146,7 @@ def effective_head_weight(head: nn.Module) -> Tensor:
     """The weight the LM head multiplies by, ``(V, H)``: its own for a plain (or fake-quantized)
     head; base + (α/r)·BA for a PEFT LoRA head, differentiable in the adapters. A LoRA head whose
     dropout is active is refused: dropout on the hidden states has no single weight."""
-    if not hasattr(head, "lora_A"):  # not a PEFT LoRA layer (checked without importing PEFT)
+    if not _is_lora(head):
         return head.weight
     weight = head.get_base_layer().weight
     if head.disable_adapters or head.merged:
@@ -162,6 +162,15 @@ def effective_head_weight(head: nn.Module) -> Tensor:
     return merged_weight(head)
 
 
+def _is_lora(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer (told without importing PEFT)."""
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+def _has_qat(model: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m, "weight") for m in model.modules())
+
+
 def merged_weight(layer: nn.Module) -> Tensor:
     """A LoRA layer's weight with its active adapters merged in: W + Σ (α/r)·BA."""
     weight = layer.get_base_layer().weight
@@ -173,15 +182,13 @@ def merged_weight(layer: nn.Module) -> Tensor:
 # ----------------------------------------------------------------------------- convert and save
 
 
-def plain_state_dict(model: nn.Module, *, merge_lora: bool = True) -> dict[str, Tensor]:
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The trained student's weights under a plain model's names: QAT weights rounded to their
     grid (what ships), LoRA adapters merged into their base weights; nothing is modified."""
-    from peft.tuners.lora import LoraLayer
-
     replaced = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, LoraLayer) and merge_lora:
+        if _is_lora(module):
             replaced[f"{prefix}weight"] = merged_weight(module)
         elif parametrize.is_parametrized(module, "weight"):
             replaced[f"{prefix}weight"] = module.weight
@@ -202,16 +209,14 @@ def describe(model: nn.Module) -> str:
     if hasattr(model, "_potstill_lora"):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         notes.append(f"LoRA r={model._potstill_lora.r}: {trainable / 1e6:.2f}M trainable")
-    if any(parametrize.is_parametrized(m, "weight") for m in model.modules()):
+    if _has_qat(model):
         notes.append(f"QAT on the GGUF {model.config.potstill_qat} grid")
     return "".join(f"; {n}" for n in notes)
 
 
 def is_transformed(model: nn.Module) -> bool:
     """Whether ``model`` carries LoRA adapters or QAT parametrizations."""
-    return hasattr(model, "_potstill_lora") or any(
-        parametrize.is_parametrized(m, "weight") for m in model.modules()
-    )
+    return hasattr(model, "_potstill_lora") or _has_qat(model)
 
 
 def save(
@@ -227,15 +232,16 @@ def save(
         config.base_model_name_or_path = base
         config.task_type = "CAUSAL_LM"
         config.save_pretrained(path)
-        weights = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        weights = {  # named as a PeftModel over the base names them
+            f"base_model.model.{k}": v.detach().contiguous()
+            for k, v in get_peft_model_state_dict(model).items()
+        }
         save_file(weights, f"{path}/adapter_model.safetensors", metadata={"format": "pt"})
         return
     with torch.no_grad():
         state = plain_state_dict(model) if is_transformed(model) else None
-    head, embedding = (
-        (state or {}).get("lm_head.weight"),
-        (state or {}).get("model.embed_tokens.weight"),
-    )
+    roles = {role: f"{name}.weight" for name, (_, role) in weight_roles(model).items()}
+    head, embedding = ((state or {}).get(roles.get(r)) for r in ("output", "embedding"))
     if head is not None and embedding is not None and not torch.equal(head, embedding):
         model.config.tie_word_embeddings = False  # a LoRA head merged apart from the embedding
     model.save_pretrained(path, safe_serialization=True, state_dict=state)

@@ -1,0 +1,148 @@
+"""``potstill export``: GGUF files read back by transformers' GGUF loader (always) and run in
+llama.cpp (when the optional llama-cpp-python is installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from potstill import students
+from potstill.cli import main
+from potstill.errors import ModelLoadError
+from potstill.export import export_gguf, llamacpp_logprobs
+
+HAS_LLAMACPP = importlib.util.find_spec("llama_cpp") is not None
+IDS = [[1, 9690, 198, 504, 3458, 282, 4077, 314, 216, 33, 34, 35, 30, 2]]
+
+
+def save_student(folder, tokenizer, model) -> str:
+    folder.mkdir()
+    students.save(model, str(folder))
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def llama(vocab: int, qat: str | None = None, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    if qat:
+        students.add_qat(model, qat)
+    return model
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model.eval()(torch.tensor(IDS)).logits[0]
+
+
+@pytest.fixture(scope="module")
+def qat_student(tmp_path_factory, smollm2_tokenizer):
+    """(folder, model): a 2-layer Llama over SmolLM2's tokenizer trained-on-grid (QAT q4_0)."""
+    model = llama(len(smollm2_tokenizer), "q4_0")
+    folder = tmp_path_factory.mktemp("export") / "student"
+    return save_student(folder, smollm2_tokenizer, model), model
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
+def test_export_round_trips_through_transformers_gguf_loader(tmp_path, smollm2_tokenizer, kind):
+    model = llama(len(smollm2_tokenizer), None if kind == "f16" else kind)
+    folder = save_student(tmp_path / "student", smollm2_tokenizer, model)
+    done = export_gguf(folder, tmp_path / "out.gguf", kind)
+    expected = {"f16": {"F16", "F32"}, "q8_0": {"Q8_0", "F32"}, "q4_0": {"Q4_0", "Q8_0", "F32"}}
+    assert set(done.tensor_types.values()) == expected[kind]
+    assert done.tensor_types["token_embd.weight"] == ("F16" if kind == "f16" else "Q8_0")
+    assert "output.weight" not in done.tensor_types  # tied: llama.cpp reads token_embd
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="out.gguf")
+    if kind == "f16":
+        torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=2e-3)
+    else:  # a student trained on the grid is written as exactly those values
+        for name, value in AutoModelForCausalLM.from_pretrained(folder).state_dict().items():
+            assert torch.equal(back.state_dict()[name], value), name
+        torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=1e-5)
+    if kind != "q4_0":
+        return  # the tokenizer is written the same whatever the type: read it back once
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="out.gguf")
+    text = "Hello world 12345, how are you?<|im_end|>"
+    assert tok(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"]
+    assert tok.chat_template == smollm2_tokenizer.chat_template
+
+
+def test_post_training_quantization_rounds_a_plain_student(tmp_path, smollm2_tokenizer):
+    """A student not trained on the grid is quantized at export: the file equals the
+    fake-quantized PyTorch model."""
+    folder = save_student(tmp_path / "student", smollm2_tokenizer, llama(len(smollm2_tokenizer)))
+    export_gguf(folder, tmp_path / "q4.gguf", "q4_0")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q4.gguf")
+    fake = AutoModelForCausalLM.from_pretrained(folder)
+    students.add_qat(fake, "q4_0")
+    torch.testing.assert_close(logits(back), logits(fake), rtol=0, atol=1e-5)
+
+
+def test_qwen2_exports_with_its_biases(tmp_path, smollm2_tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.bias.normal_()
+    folder = save_student(tmp_path / "student", smollm2_tokenizer, model)
+    done = export_gguf(folder, tmp_path / "q.gguf", "q8_0")
+    assert done.architecture == "qwen2" and done.tensor_types["blk.0.attn_q.bias"] == "F32"
+    assert done.tensor_types["output.weight"] == "Q8_0"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf")
+    students.add_qat(model, "q8_0")
+    torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=1e-5)
+
+
+def test_an_unknown_architecture_is_refused_by_name(tmp_path, smollm2_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    folder = save_student(tmp_path / "gpt2", smollm2_tokenizer, model)
+    with pytest.raises(ModelLoadError, match=r"knows the architectures \['llama', 'qwen2'\].*gpt2"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_export_defaults_to_the_trained_grid_and_warns_on_another(
+    tmp_path, qat_student, capsys
+):
+    folder, _ = qat_student
+    assert main(["export", folder, "--gguf", str(tmp_path / "s.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "q4_0:" in out and "Q4_0" in out and "Q8_0" in out and "MiB" in out
+    with pytest.warns(UserWarning, match="trained on the q4_0 grid"):
+        export_gguf(folder, tmp_path / "s8.gguf", "q8_0")
+    assert main(["export", str(tmp_path / "nowhere"), "--gguf", str(tmp_path / "n.gguf")]) == 2
+
+
+@pytest.mark.skipif(
+    not HAS_LLAMACPP, reason="llama-cpp-python is not installed (potstill[llamacpp])"
+)
+def test_llamacpp_runs_the_exported_qat_student_as_trained(tmp_path, qat_student):
+    folder, model = qat_student
+    export_gguf(folder, tmp_path / "s.gguf")
+    ours = torch.log_softmax(logits(model).double(), -1).numpy()
+    theirs = llamacpp_logprobs(tmp_path / "s.gguf", IDS[0], n_threads=2)
+    # llama.cpp rounds activations to 8 bits for its Q4_0 products: close, not equal
+    assert abs(theirs - ours).max() < 0.05
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() == 1.0
+    from potstill.export import load_llamacpp
+
+    text = load_llamacpp(tmp_path / "s.gguf", n_threads=2).create_completion(
+        "Hello", max_tokens=8, temperature=0.0
+    )["choices"][0]["text"]
+    assert isinstance(text, str) and text
