@@ -146,3 +146,27 @@ def test_llamacpp_runs_the_exported_qat_student_as_trained(tmp_path, qat_student
         "Hello", max_tokens=8, temperature=0.0
     )["choices"][0]["text"]
     assert isinstance(text, str) and text
+
+
+@pytest.mark.slow
+def test_the_qat_recipe_on_the_bundled_pair_exports_what_it_trained(tmp_path, smollm2_dir):
+    """`potstill train recipes/qat_q4_0.yaml` (a 2-layer SmolLM2 student, 2 steps), then
+    `potstill export`: the file holds the saved student's weights exactly."""
+    out = tmp_path / "run"
+    args = [
+        "train", "recipes/qat_q4_0.yaml", f"student.model={smollm2_dir}", "student.init=prune",
+        "student.keep_layers=[0, 29]", "train.max_steps=2", "train.batch_size=2",
+        "data.max_length=96", "data.max_train_records=8", "data.max_eval_records=4",
+        "train.save_every=0", f"train.output_dir={out}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert main(["export", str(out / "model"), "--gguf", str(out / "s.gguf")]) == 0
+    saved = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert saved.config.potstill_qat == "q4_0"
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file="s.gguf")
+    for name, value in saved.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+    if HAS_LLAMACPP:  # and llama.cpp reads the same distribution
+        theirs = llamacpp_logprobs(out / "s.gguf", IDS[0], n_threads=2)
+        ours = torch.log_softmax(logits(saved).double(), -1).numpy()
+        assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
