@@ -102,7 +102,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from potstill.recipe import load_recipe
 
     run_compare(
-        load_recipe(args.recipe, args.overrides), args.student, args.report, args.own_samples
+        load_recipe(args.recipe, args.overrides),
+        args.student,
+        args.report,
+        args.own_samples,
+        args.speculative,
     )
     return 0
 
@@ -220,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also sample each student on the held-out prompts (the recipe's on_policy settings, "
         "same seeds for all) and report the reverse KL to the teacher on those samples; "
         "default: on for an on_policy recipe",
+    )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="also judge each student as a speculative-decoding draft for the teacher: expected "
+        "acceptance from held-out TVD, then real decoding of draft.eval_prompts held-out prompts "
+        "(tokens per target pass at greedy and T=1, tokens/s against the target alone, and "
+        "whether greedy outputs are identical)",
     )
     p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser(

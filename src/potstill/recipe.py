@@ -465,6 +465,29 @@ class EmbeddingSpec:
     relation_heads: int = doc("attention: relation heads; must divide both widths", 12)
 
 
+@dataclass
+class DraftSpec:
+    """Method ``draft``: a speculative-decoding draft for the teacher (the target)."""
+
+    kl_warmup_steps: int = doc(
+        "optimizer steps of forward KL before loss.kind (tvd) takes over: TVD's gradient "
+        "vanishes where the draft already covers the target, forward KL moves a far-off draft "
+        "faster",
+        0,
+    )
+    gamma: int = doc(
+        "drafted tokens per target pass: the held-out expected tokens per pass, and "
+        "`potstill evaluate --speculative`'s decoding",
+        4,
+    )
+    eval_prompts: int = doc(
+        "`potstill evaluate --speculative`: held-out prompts decoded, target alone and with "
+        "each draft",
+        8,
+    )
+    eval_new_tokens: int = doc("`potstill evaluate --speculative`: tokens decoded per prompt", 64)
+
+
 METHODS_DOC = " | ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
 
 
@@ -497,6 +520,7 @@ class Recipe:
     embedding: EmbeddingSpec = doc(
         "the objective of method embedding", default_factory=EmbeddingSpec
     )
+    draft: DraftSpec = doc("warm-up and the held-out γ of method draft", default_factory=DraftSpec)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -703,6 +727,13 @@ def validate(r: Recipe) -> None:
             "`student.init: config` needs a config source: `student.model` or `teacher.model`"
         )
     validate_student_transforms(r)
+    d = r.draft
+    if d.gamma < 1 or d.kl_warmup_steps < 0 or d.eval_prompts < 1 or d.eval_new_tokens < 1:
+        raise RecipeError(
+            "`draft.gamma`, `draft.eval_prompts` and `draft.eval_new_tokens` must be >= 1 and "
+            f"`draft.kl_warmup_steps` >= 0, got {d.gamma}, {d.eval_prompts}, "
+            f"{d.eval_new_tokens} and {d.kl_warmup_steps}"
+        )
     for key in ("teacher.dtype", "student.dtype"):
         value = getattr(r, key.split(".")[0]).dtype
         if value not in ("float32", "bfloat16", "float16", "auto"):

@@ -79,6 +79,14 @@ METHODS: dict[str, MethodInfo] = {
             packing=False,  # a completion is sampled per prompt row
         ),
         MethodInfo(
+            "draft",
+            "potstill.methods.draft:Draft",
+            "a speculative-decoding draft for the teacher (the target): TVD, the acceptance "
+            "objective; see the draft section",
+            needs_teacher=True,
+            default_kind="tvd",  # 1 − TVD is the per-token acceptance probability
+        ),
+        MethodInfo(
             "cross_tokenizer",
             "potstill.methods.cross_tokenizer:CrossTokenizer",
             "teacher and student with different tokenizers; see the cross_tokenizer section",
