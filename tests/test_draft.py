@@ -181,3 +181,25 @@ def test_speedup_arithmetic_inverts():
     ratio = largest_cost_ratio(2.0, 4, 1.3)
     assert predicted_speedup(2.0, 4, ratio) == pytest.approx(1.3)
     assert largest_cost_ratio(1.2, 4, 1.3) < 0  # too few tokens per pass for any draft
+
+
+@pytest.mark.slow
+def test_a_few_steps_of_the_draft_recipe_on_the_bundled_pair(tmp_path, smollm2_dir):
+    import json
+    import math
+
+    from potstill.cli import main
+
+    out = tmp_path / "run"
+    args = [
+        "train", "recipes/draft.yaml", f"teacher.model={smollm2_dir}", "train.max_steps=3",
+        "draft.kl_warmup_steps=1", "train.batch_size=2", "data.max_length=96",
+        "data.max_train_records=8", "data.max_eval_records=4", "train.precision=fp32",
+        "train.save_every=0", "train.log_every=1", f"train.output_dir={out}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    soft = [r["soft"] for r in rows if "soft" in r]
+    assert len(soft) == 3 and soft[1] <= 1 and soft[2] <= 1  # TVD after the warm-up step
+    assert math.isfinite(rows[-1]["eval/tokens_per_pass_g4"])
+    assert rows[-1]["eval/tokens_per_pass_g4"] >= 1.0
