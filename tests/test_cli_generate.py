@@ -111,3 +111,34 @@ def test_openai_backend_needs_url_model_and_key(monkeypatch):
     )
     with pytest.raises(RecipeError, match="names POTSTILL_TEST_KEY, which is not set"):
         build_backend(r)
+
+
+def test_self_distill_recipe_is_the_model_learning_its_own_verified_samples():
+    r = load_recipe(RECIPES / "self_distill.yaml")
+    g = r.generate
+    assert r.method == "sequence_level" and r.student.init == "pretrained"
+    assert r.student.model == r.teacher.model  # no external teacher: a frozen copy writes
+    assert g.temperature >= 1.0 and g.verify == "reasoning_gym" and g.keep == "correct"
+    assert r.data.train == g.output
+
+
+@pytest.mark.slow
+def test_a_few_steps_of_self_distillation_on_the_bundled_model(tmp_path, smollm2_dir):
+    """generate (its own samples, 3 problems × 2) then train (2 steps) the same model."""
+    import json
+
+    from potstill.cli import main
+
+    common = [
+        f"teacher.model={smollm2_dir}", f"student.model={smollm2_dir}",
+        f"generate.output={tmp_path / 'own.jsonl'}", f"data.train={tmp_path / 'own.jsonl'}",
+    ]  # fmt: skip
+    gen = ["generate.max_prompts=3", "generate.n=2", "generate.max_new_tokens=24",
+           "generate.keep=all"]  # fmt: skip
+    assert main(["generate", "recipes/self_distill.yaml", *common, *gen]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "own.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all("correct" in r for r in rows)
+    train = ["train.max_steps=2", "train.batch_size=2", "data.max_eval_records=1",
+             "train.precision=fp32", "train.save_every=0", f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(["train", "recipes/self_distill.yaml", *common, *train]) == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
