@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from potstill.data import batch_prompts
 from potstill.errors import RecipeError
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
@@ -94,16 +95,14 @@ def compare_students(
             sampling.eval_samples = True
             metrics.update(sampling.evaluate(student, teacher, batches, tokenizers[name]))
         if speculative:
-            metrics.update(
-                _as_draft(r, student, teacher, batches, data.eval, tokenizer, vocab_size)
-            )
+            metrics.update(_as_draft(r, student, teacher, batches, tokenizer, vocab_size))
         rows[name] = {"model_dir": path, "parameters": count_parameters(student), **metrics}
         del student
     teacher_ppl = next(iter(rows.values()))["teacher_perplexity"]
     return _result(r, teacher, data, rows, perplexity=teacher_ppl)
 
 
-def _as_draft(r: Recipe, student, teacher, batches, examples, tokenizer, vocab_size) -> dict:
+def _as_draft(r: Recipe, student, teacher, batches, tokenizer, vocab_size) -> dict:
     """The student as a speculative-decoding draft for the teacher: the expected acceptance
     and tokens per target pass, teacher-forced on the held-out set (method draft's held-out
     metrics), then real decoding of ``draft.eval_prompts`` held-out prompts
@@ -116,12 +115,12 @@ def _as_draft(r: Recipe, student, teacher, batches, examples, tokenizer, vocab_s
     expected = Draft(TokenLevel(vocab_size=vocab_size), gamma=d.gamma).evaluate(
         student, teacher, batches, tokenizer
     )
-    prompts = [ex.input_ids[: ex.target_mask.index(True)] for ex in examples if any(ex.target_mask)]
+    prompts = [prompt for batch in batches for prompt in batch_prompts(batch)]
     measured = measure(
         teacher, student, prompts[: d.eval_prompts], gamma=d.gamma,
         max_new_tokens=d.eval_new_tokens, seed=r.train.seed, pad_token_id=pad_token_id(tokenizer),
     )  # fmt: skip
-    return {**expected, **{f"spec_{k}": v for k, v in measured.items()}}
+    return {**expected, "spec_gamma": d.gamma, **{f"spec_{k}": v for k, v in measured.items()}}
 
 
 def _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenizer):
@@ -216,8 +215,7 @@ def report_markdown(result: dict[str, Any]) -> str:
 
 def _speculative_table(rows: dict[str, Any]) -> list[str]:
     """Each student as a draft: expected (teacher-forced) and measured (real decoding)."""
-    key = next(k for k in next(iter(rows.values())) if k.startswith("tokens_per_pass_g"))
-    gamma = key.removeprefix("tokens_per_pass_g")
+    gamma = next(iter(rows.values()))["spec_gamma"]
     lines = [
         f"As speculative-decoding drafts (γ = {gamma}; tokens per target pass, expected from "
         "held-out acceptance and measured in real decoding; tokens/s at greedy):",

@@ -181,9 +181,8 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(r.train.seed)
             student = student_from_config(source, s.config_overrides)
-    students.prepare(
-        student, s, r.train.seed
-    )  # LoRA adapters / QAT grid, before anything reads the weights
+    # LoRA adapters / the QAT grid, before anything reads the weights
+    students.prepare(student, s, r.train.seed)
     tokenizer = load_tokenizer(source, trust_remote_code=s.trust_remote_code)
     vocab_size = None
     teacher_tok = None

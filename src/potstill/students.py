@@ -29,9 +29,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from potstill.errors import RecipeError
-from potstill.quant import BLOCK, fake_quantize
+from potstill.quant import BLOCK, FORMATS, fake_quantize
 
-QAT_FORMATS = ("q8_0", "q4_0")
 # The token embedding and the output head stay at Q8_0 in a Q4_0 student: the vocabulary-sized
 # matrices are the most sensitive to 4-bit rounding (llama.cpp's own Q4_0 preset keeps the output
 # above 4 bits too, at Q6_K; Q8_0 is the nearest block format this grid offers).
@@ -101,8 +100,8 @@ def prepare(model: nn.Module, spec: Any, seed: int = 0) -> nn.Module:
 
 def add_qat(model: nn.Module, scheme: str) -> dict[str, str]:
     """Register the fake-quantization parametrizations; ``{module name: format}``."""
-    if scheme not in QAT_FORMATS:
-        raise RecipeError(f"student.qat.format must be one of {QAT_FORMATS}, got {scheme!r}")
+    if scheme not in FORMATS:
+        raise RecipeError(f"student.qat.format must be one of {FORMATS}, got {scheme!r}")
     chosen = {}
     for name, (module, role) in weight_roles(model).items():
         fmt = tensor_format(role, tuple(module.weight.shape), scheme)

@@ -236,7 +236,7 @@ def save_model(
     model: nn.Module,
     tokenizer: Any,
     path: Path,
-    student: StudentSpec | None = None,
+    student: StudentSpec,
 ) -> Path:
     """The student as a Hugging Face model directory (safetensors + config + tokenizer), through
     the student seam (LoRA merged or adapter-only, QAT weights on their grid)."""
@@ -247,8 +247,8 @@ def save_model(
         students.save(
             accelerator.unwrap_model(model),
             str(tmp),
-            lora_save=student.lora.save if student else "merged",
-            base=student.model if student else None,
+            lora_save=student.lora.save,
+            base=student.model,
         )
         tokenizer.save_pretrained(tmp)
         _swap_in(tmp, path)

@@ -66,14 +66,7 @@ class Draft(Method, name="draft"):
     def loss(
         self, student: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor]
     ) -> LossSums:
-        mask = batch["labels"] != self.ignore_index  # (B, T)
-        student_h = final_hidden(student, batch)[mask]  # (N, H_s)
-        with torch.no_grad():
-            teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
-        return self.kd.objective(
-            student, teacher, student_h, teacher_h, batch["labels"][mask],
-            kind=self.kind_at(self.step),
-        )  # fmt: skip
+        return self.kd.loss(student, teacher, batch, kind=self.kind_at(self.step))
 
     @torch.no_grad()
     def evaluate(

@@ -137,18 +137,26 @@ class TokenLevel(Method, name="token_level"):
         )
 
     def loss(
-        self, student: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor]
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        batch: dict[str, Tensor],
+        **override: float | str,
     ) -> LossSums:
+        """``override`` replaces loss settings for this call (e.g. ``kind``, as method draft's
+        warm-up does)."""
         labels = batch["labels"]  # (B, T), already shifted
         mask = labels != self.ignore_index  # (B, T)
         student_h = final_hidden(student, batch)[mask]  # (N, H_s): only supervised positions
         if self.sparse:
             ids, logprobs = self.teacher_rows(batch, mask, "train")  # (N, k), (N, k)
             tail = self.teacher_tail(batch, mask, "train")  # (N, m), (N,) if the cache has them
-            return self.sparse_objective(student, student_h, labels[mask], ids, logprobs, **tail)
+            return self.sparse_objective(
+                student, student_h, labels[mask], ids, logprobs, **tail, **override
+            )
         with torch.no_grad():
             teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
-        return self.objective(student, teacher, student_h, teacher_h, labels[mask])
+        return self.objective(student, teacher, student_h, teacher_h, labels[mask], **override)
 
     def hyper(self, **override: float | str) -> dict[str, float | str]:
         """The loss functions' settings (divergence, temperature, weights), with overrides."""
