@@ -413,7 +413,15 @@ def test_a_methods_trainable_modules_are_trained_checkpointed_and_resumed(tmp_pa
     start = projected(None).proj.weight.detach().clone()
     _, whole = run(tmp_path / "a", setup, "method=sft", "train.max_steps=4", method_patch=keep)
     assert not torch.equal(methods[-1].proj.weight, start)  # the projector trained
-    assert (tmp_path / "a" / "checkpoint" / "model_1.safetensors").is_file()
+    saved = load_file(
+        tmp_path / "a" / "checkpoint" / "model.safetensors"
+    )  # one model for the engine
+    assert "method_modules.proj.weight" in saved and "module.model.norm.weight" in saved
+    assert (tmp_path / "a" / "proj.safetensors").is_file()  # and beside the student at the end
+    assert not any(
+        k.startswith(("proj", "method_modules"))
+        for k in load_file(tmp_path / "a" / "model" / "model.safetensors")
+    )
     with pytest.raises(KeyboardInterrupt):
         run(
             tmp_path / "b",

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import textwrap
 
@@ -41,6 +43,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"done: {result.steps} steps, {result.tokens:,} tokens")
     if result.eval:
         print("held-out: " + ", ".join(f"{k}={v:.4g}" for k, v in result.eval.items()))
+    if result.peak_memory_bytes:
+        print(
+            f"peak memory: {result.peak_memory_bytes / 2**30:.2f} GiB per process (the most any held)"
+        )
     if result.model_dir:
         print(f"student saved to {result.model_dir}")
     return 0
@@ -142,6 +148,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from potstill.errors import RecipeError
+    from potstill.plan import make_plan
+    from potstill.recipe import load_recipe
+
+    if args.gpus and args.processes:
+        raise RecipeError("give --gpus or --processes, not both")
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = make_plan(
+        recipe,
+        recipe_path=args.recipe,
+        processes=args.gpus or args.processes or 1,
+        engine=args.engine,
+        device="gpu" if args.gpus else "cpu",
+        memory_gb=args.gpu_memory,
+        tflops=args.tflops,
+    )
+    print(plan.table())
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from potstill.export import export_gguf
 
@@ -181,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
               potstill train recipes/token_level_forward_kl.yaml train.max_steps=2
               potstill generate recipes/sequence_level.yaml   # teacher completions, then train
               potstill cache recipes/token_level_cached.yaml  # teacher top-k on disk, then train
+              potstill plan recipes/token_level_forward_kl.yaml --gpus 8 --gpu-memory 80
               potstill serve bundled:smollm2-135m-instruct    # an OpenAI-compatible teacher
               potstill keys                                   # every recipe key with its meaning
             """
@@ -305,6 +333,32 @@ def build_parser() -> argparse.ArgumentParser:
         "the token embedding / output at q8_0 and norms at f32",
     )
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser(
+        "plan",
+        help="estimate a recipe's memory per process, cache disk and time before running it",
+        description=(
+            "Estimate what the recipe's run needs per process (runtime, student weights, "
+            "gradients, AdamW states, teacher, activations, loss buffers), the teacher cache's "
+            "disk size and the run's time, from configs and a sample of the data (no weights "
+            "load); with --gpu-memory, say whether it fits and which knob to turn if not."
+        ),
+    )
+    _add_recipe_args(p)
+    p.add_argument(
+        "--gpus", type=int, default=None, help="processes, one per GPU (default: 1 CPU process)"
+    )
+    p.add_argument(
+        "--processes", type=int, default=None, help="CPU processes (default: 1; --gpus for GPUs)"
+    )
+    p.add_argument("--engine", choices=["ddp", "fsdp2"], default="ddp", help="default: ddp")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="memory per GPU (GiB)")
+    p.add_argument(
+        "--tflops",
+        type=float,
+        help="sustained TFLOP/s per device for the time estimate (default: fp32 matmuls "
+        "measured on this machine)",
+    )
+    p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("keys", help="list every recipe key with its default and meaning")
     p.set_defaults(fn=cmd_keys)
     return parser
@@ -327,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     from potstill.errors import USER_ERRORS
 
     try:
+        if int(os.environ.get("RANK", "0")) > 0:  # launched processes: the first one reports
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return args.fn(args)
         return args.fn(args)
     except USER_ERRORS as e:  # expected, actionable failures: one line, no traceback
         print(f"potstill {args.command}: error: {e}", file=sys.stderr)

@@ -330,9 +330,11 @@ def lm_head(model: nn.Module, vocab_size: int | None = None) -> tuple[Tensor, Te
     if _sharded(weight):
         raise RecipeError(
             f"the LM head's weight is sharded across processes ({type(weight).__name__} of "
-            f"shape {tuple(weight.shape)}), as FSDP and DeepSpeed ZeRO-3 leave it outside the "
-            "model's forward; the distillation losses read the head there. Launch with DDP "
-            "(accelerate's MULTI_GPU), FSDP's NO_SHARD, or DeepSpeed ZeRO stage 1 or 2"
+            f"shape {tuple(weight.shape)}) where a loss reads it: under FSDP2 potstill's loop "
+            "keeps the head's units gathered from the model's forward to its backward "
+            "(potstill.distributed.prepare_student); a model sharded elsewhere, or a head read "
+            "before the forward, sees the shard. Train with `potstill train` launched with "
+            "configs/accelerate/fsdp2.yaml or ddp.yaml"
         )
     if vocab_size is not None and vocab_size < weight.shape[0]:
         # (a no-op slice still costs: its backward writes the gradient into a fresh (V, H) zeros)

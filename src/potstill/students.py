@@ -219,10 +219,25 @@ def is_transformed(model: nn.Module) -> bool:
 
 
 def save(
-    model: nn.Module, path: str, *, lora_save: str = "merged", base: str | None = None
+    model: nn.Module,
+    path: str,
+    *,
+    lora_save: str = "merged",
+    base: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the student to ``path`` (an existing, empty directory): a plain Hugging Face model,
-    or with ``lora_save='adapter'`` a PEFT adapter folder over ``base``."""
+    or with ``lora_save='adapter'`` a PEFT adapter folder over ``base``. ``state_dict``: the
+    weights of a plain student whose own are sharded (gathered by the engine)."""
+    if state_dict is not None:
+        if is_transformed(model):
+            raise ValueError("a gathered state dict is saved for plain students only")
+        roles = {role: f"{name}.weight" for name, (_, role) in weight_roles(model).items()}
+        head, embedding = roles.get("output"), roles.get("embedding")
+        if getattr(model.config, "tie_word_embeddings", False) and head in state_dict:
+            state_dict = {k: v for k, v in state_dict.items() if k != head or k == embedding}
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+        return
     if lora_save == "adapter" and hasattr(model, "_potstill_lora"):
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file

@@ -18,6 +18,7 @@ changed, so a resumed run trains exactly the batches an uninterrupted one would 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -40,15 +41,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from potstill import students
+from potstill import distributed, students
 from potstill.data import Example, collate
 from potstill.errors import NonFiniteLoss
 from potstill.evaluate import evaluate, token_byte_lengths
-from potstill.lm import padding_free
+from potstill.lm import padding_free, unwrap
 from potstill.losses import normalise, step_normalizer
 from potstill.methods.base import Method
 from potstill.recipe import Recipe, StudentSpec
-from potstill.utils import autocast_dtype, keep_freed_memory, pad_token_id, precision_note
+from potstill.utils import (
+    autocast_dtype,
+    keep_freed_memory,
+    pad_token_id,
+    peak_memory_bytes,
+    precision_note,
+)
 
 
 @dataclass
@@ -60,6 +67,7 @@ class TrainResult:
     seconds: float  # wall time of this call's training steps (evaluation excluded)
     history: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, float] | None = None
+    peak_memory_bytes: int | None = None  # the most any process held (RSS peak on a CPU)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -214,6 +222,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: dict[str, Any]) 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
     if accelerator.is_main_process:
         (tmp / "state.json").write_text(
             json.dumps(state, indent=2)
@@ -237,23 +246,61 @@ def save_model(
     tokenizer: Any,
     path: Path,
     student: StudentSpec,
+    gathered: dict[str, Tensor] | None = None,
 ) -> Path:
     """The student as a Hugging Face model directory (safetensors + config + tokenizer), through
-    the student seam (LoRA merged or adapter-only, QAT weights on their grid)."""
+    the student seam (LoRA merged or adapter-only, QAT weights on their grid). Every process calls
+    this; the main process writes: ``model``'s own weights, or ``gathered`` where the engine
+    shards them (the student's part of :func:`potstill.distributed.full_state_dict`)."""
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         students.save(
-            accelerator.unwrap_model(model),
+            unwrap(model),
             str(tmp),
             lora_save=student.lora.save,
             base=student.model,
+            state_dict=gathered,
         )
         tokenizer.save_pretrained(tmp)
         _swap_in(tmp, path)
     accelerator.wait_for_everyone()
     return path
+
+
+# ----------------------------------------------------------------------------- the student
+
+
+class WithModules(nn.Module):
+    """The student and a method's own trainable modules (e.g. projectors) as one module, so that
+    every engine treats them as one model: DDP synchronises the modules' gradients with the
+    student's, FSDP2 shards them into the student's root unit, a checkpoint holds them together.
+    Calls go to the student; :func:`potstill.lm.unwrap` reaches it through ``module``."""
+
+    def __init__(self, student: nn.Module, modules: dict[str, nn.Module]):
+        super().__init__()
+        self.module = student
+        self.method_modules = nn.ModuleDict(modules)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def split_state_dict(
+    state: dict[str, Tensor], names: list[str]
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """A :class:`WithModules` state dict as (the student's, {module name: its own})."""
+    student = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+    modules = {
+        name: {
+            k.removeprefix(f"method_modules.{name}."): v
+            for k, v in state.items()
+            if k.startswith(f"method_modules.{name}.")
+        }
+        for name in names
+    }
+    return student, modules
 
 
 # ----------------------------------------------------------------------------- logging
@@ -341,7 +388,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     # Autocast is ours, not Accelerate's: its precision is a process-wide singleton, and one
     # process may train several students (the demo does) at different precisions.
-    accelerator = Accelerator()
+    accelerator = distributed.make_accelerator()
     main = accelerator.is_main_process
     if t.keep_freed_memory and accelerator.device.type == "cpu":
         keep_freed_memory()
@@ -353,17 +400,20 @@ def train(
     eval_teacher = eval_teacher if eval_teacher is not None else teacher
     for model in {id(m): m for m in (teacher, eval_teacher) if m is not None}.values():
         model.requires_grad_(False).eval().to(accelerator.device)  # the teacher never trains
+        distributed.shard_teacher(accelerator, model)  # FSDP2: 1/N of it per process
 
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("the student has no trainable parameters (all have requires_grad=False)")
+    distributed.check_student(accelerator, students.is_transformed(student))
     method.attach(student, teacher)
     named_extras = method.trainable_modules()  # e.g. projectors, trained alongside
-    extras = list(named_extras.values())
-    for module in extras:
+    for module in named_extras.values():
         module.to(accelerator.device).train()
+    # the one model the engine wraps: the student, with the method's modules where it has some
+    model = WithModules(student, named_extras) if named_extras else student
     total_steps = plan_steps(recipe, train_examples, accelerator.num_processes)
     optimizer = torch.optim.AdamW(
-        param_groups([student, *extras], t.weight_decay),
+        param_groups([model], t.weight_decay),
         lr=t.lr,
         betas=tuple(t.betas),
         fused=fused_adamw(student, accelerator),
@@ -376,10 +426,11 @@ def train(
         min_ratio=t.min_lr_ratio,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    student.train()
-    student, *extras, optimizer, scheduler = accelerator.prepare(
-        student, *extras, optimizer, scheduler
-    )
+    model.train()
+    distributed.wrap_policy(accelerator, model)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    root = accelerator.unwrap_model(model)  # the engine's root unit (FSDP2 gathers through it)
+    distributed.prepare_student(root)
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "position": {"epoch": 0, "batch": 0}}
     ckpt = find_checkpoint(out) if t.resume else None
@@ -417,26 +468,30 @@ def train(
 
     def run_eval() -> dict[str, float]:
         metrics = {}
-        if not method.info.encoder:  # the language-model metrics (an encoder has no LM head)
-            metrics = evaluate(
-                student,
-                eval_batches,
-                teacher=eval_teacher if shared_vocabulary else None,
-                byte_lengths=byte_table,
-                vocab_size=vocab_size,
-                autocast_dtype=amp_dtype,
-            )
-        # the method's own (e.g. on-policy: reverse KL on the student's own samples)
-        metrics.update(
-            method.evaluate(
-                accelerator.unwrap_model(student), eval_teacher, eval_batches, tokenizer
-            )
-        )
+        with distributed.whole(root):  # every process evaluates the same batches
+            if not method.info.encoder:  # the language-model metrics (an encoder has no LM head)
+                metrics = evaluate(
+                    model,
+                    eval_batches,
+                    teacher=eval_teacher if shared_vocabulary else None,
+                    byte_lengths=byte_table,
+                    vocab_size=vocab_size,
+                    autocast_dtype=amp_dtype,
+                )
+            # the method's own (e.g. on-policy: reverse KL on the student's own samples)
+            metrics.update(method.evaluate(unwrap(model), eval_teacher, eval_batches, tokenizer))
+        distributed.release(eval_teacher)
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     log = MetricsLog(out, enabled=main, resume_step=state["step"])
     if main:
         print(precision_note(t.precision, accelerator.device.type))
+        if accelerator.num_processes > 1:
+            held = "sharded" if distributed.is_fsdp(teacher) else "a copy per process"
+            print(
+                f"engine: {distributed.engine(accelerator)}, {accelerator.num_processes} "
+                f"processes; teacher: {held if teacher is not None else 'none'}"
+            )
         if not method.info.encoder:  # encoders attend both ways over padded batches
             print(
                 "forward passes: padding-free (real tokens only, attention per document)"
@@ -444,7 +499,7 @@ def train(
                 else "forward passes: padded batches (train.padding_free=false)"
             )
         print(method.describe())  # which loss path runs, among other things
-    params = [p for m in (student, *extras) for p in m.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(
         total=total_steps, initial=state["step"], desc=f"train {method.name}", disable=not main
     )
@@ -454,6 +509,12 @@ def train(
     # What the step under way began with (data position, RNG states): an interrupt inside it
     # saves these, so the resumed run draws the step's batches again. None between steps.
     step_start: tuple[dict, dict] | None = None
+
+    def global_index(i: int) -> int:
+        """Micro-batch ``i`` of this process's step, counted over all processes: process p's i-th
+        is the global batch i·N + p, as in one process with N× grad_accum."""
+        return i * accelerator.num_processes + accelerator.process_index
+
     try:
         while state["step"] < total_steps:
             t0 = time.perf_counter()
@@ -461,34 +522,54 @@ def train(
             # 1) this step's micro-batches and its global count of supervised tokens
             micro = [next(batches) for _ in range(t.grad_accum)]
             t_seq = time.perf_counter()
-            micro = [
-                method.sequences(
-                    b,
-                    student=accelerator.unwrap_model(student),
-                    teacher=teacher,
-                    tokenizer=tokenizer,
-                    step=state["step"],
-                    index=i,
-                )
-                for i, b in enumerate(micro)
-            ]
+            # a sampling method's processes decode different numbers of tokens: no collective
+            # may run per forward (FSDP2 gathers the student whole for it)
+            with distributed.whole(root) if method.info.samples else contextlib.nullcontext():
+                micro = [
+                    method.sequences(
+                        b,
+                        student=unwrap(model),
+                        teacher=teacher,
+                        tokenizer=tokenizer,
+                        step=state["step"],
+                        index=global_index(i),
+                    )
+                    for i, b in enumerate(micro)
+                ]
             window_sequence_time += time.perf_counter() - t_seq
-            valid = sum(method.count_tokens(b) for b in micro)
-            global_valid = accelerator.reduce(valid.to(accelerator.device), reduction="sum")
+            counts = torch.stack(
+                [
+                    sum(method.count_tokens(b) for b in micro),  # supervised
+                    sum(b["attention_mask"].sum() for b in micro),  # all input tokens
+                ]
+            ).to(accelerator.device, torch.float64)
+            global_valid, step_tokens = accelerator.reduce(counts, reduction="sum")  # all processes
             normalizer = step_normalizer(global_valid, accelerator.num_processes)
-            step_tokens = int(sum(b["attention_mask"].sum() for b in micro))
+            step_tokens = int(step_tokens)
             # 2) forward / backward
             loss_total = torch.zeros((), device=accelerator.device)
             terms_total: dict[str, Tensor] = {}
-            for b in micro:
+            for i, b in enumerate(micro):
+                # dropout masks from (seed, step, the micro-batch's index over all processes):
+                # a run draws the same ones however its batches are split between processes
+                key = f"{t.seed}:{state['step']}:{global_index(i)}:dropout"
+                torch.manual_seed(random.Random(key).getrandbits(62))
                 with torch.autocast(
                     accelerator.device.type, dtype=amp_dtype, enabled=amp_dtype is not None
                 ):
-                    loss, terms = normalise(method.loss(student, teacher, b), normalizer)
+                    loss, terms = normalise(method.loss(model, teacher, b), normalizer)
                 accelerator.backward(loss)
+                distributed.release(teacher)
                 loss_total += loss.detach()
                 for k, v in terms.items():
                     terms_total[k] = terms_total.get(k, 0.0) + v
+            if accelerator.num_processes > 1:  # the step's figures over all processes, so that
+                # every process logs them and stops on a non-finite one together: each process's
+                # loss is its share of the sum times N (see step_normalizer), so the mean
+                names = list(terms_total)
+                packed = torch.stack([loss_total, *(terms_total[k] for k in names)])
+                loss_total, *values = accelerator.reduce(packed, reduction="mean")
+                terms_total = dict(zip(names, values, strict=True))
             # 3) refuse non-finite values before they touch the weights
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             loss_value = loss_total.item()  # host sync: once per step, needed for the NaN guard
@@ -507,8 +588,8 @@ def train(
             in_update = False
             state["step"] += 1
             step_start = None
-            state["tokens"] += step_tokens * accelerator.num_processes
-            run_tokens += step_tokens * accelerator.num_processes
+            state["tokens"] += step_tokens
+            run_tokens += step_tokens
             step_time = time.perf_counter() - t0
             run_time += step_time
             window_time += step_time
@@ -553,17 +634,26 @@ def train(
         bar.close()
     if eval_batches:
         last_eval = run_eval()
-        log.log({"step": state["step"], "tokens": state["tokens"], **last_eval})
+    # the most any process held through training and the final evaluation (`potstill plan`)
+    peak = peak_memory_bytes(accelerator.device.type)
+    if peak is not None:
+        peak = int(accelerator.reduce(torch.tensor(float(peak), device=accelerator.device), "max"))
+    last_row = {**(last_eval or {}), **({"peak_memory_mb": peak / 2**20} if peak else {})}
+    if last_row:
+        log.log({"step": state["step"], "tokens": state["tokens"], **last_row})
     save_checkpoint(accelerator, out, state)
-    model_dir = (
-        save_model(accelerator, student, tokenizer, out / "model", recipe.student)
-        if t.save_model
-        else None
-    )
+    model_dir = None
+    if t.save_model:
+        gathered = distributed.full_state_dict(accelerator, model)  # None: whole everywhere
+        own = {name: m.state_dict() for name, m in named_extras.items()}
+        if gathered is not None and named_extras:
+            gathered, own = split_state_dict(gathered, list(named_extras))
+        model_dir = save_model(
+            accelerator, model, tokenizer, out / "model", recipe.student, gathered
+        )
     if t.save_model and main:
         method.finish(model_dir)
-        for name, module in zip(named_extras, extras, strict=True):  # beside, never inside
-            state_dict = accelerator.unwrap_model(module).state_dict()
+        for name, state_dict in own.items():  # beside the student, never inside
             tmp = out / f"{name}.safetensors.tmp"
             save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
             os.replace(tmp, out / f"{name}.safetensors")
@@ -577,4 +667,5 @@ def train(
         seconds=run_time,
         history=history,
         eval={k.removeprefix("eval/"): v for k, v in last_eval.items()} if last_eval else None,
+        peak_memory_bytes=peak,
     )

@@ -109,3 +109,19 @@ def keep_freed_memory() -> bool:
 def pad_token_id(tokenizer: Any) -> int:
     """The id that pads batches: the tokenizer's pad token, else its EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def peak_memory_bytes(device_type: str) -> int | None:
+    """This process's peak memory so far: on a GPU the most the caching allocator held
+    (``torch.cuda.max_memory_reserved``), on a CPU the peak resident set (VmHWM, Linux; None
+    elsewhere)."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_reserved()
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return None

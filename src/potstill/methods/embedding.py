@@ -162,6 +162,9 @@ class Embedding(Method, name="embedding"):
 
     def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
         s_cfg, t_cfg = unwrap(student).config, unwrap(teacher).config
+        pooler = getattr(unwrap(student), "pooler", None)  # BERT's [CLS] head: never read, as
+        if pooler is not None:  # sentence-transformers pools the hidden states itself; frozen,
+            pooler.requires_grad_(False)  # as DDP wants every trained parameter to get a gradient
         if s_cfg.hidden_size != t_cfg.hidden_size and self.embedding_weight:
             self.projector = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size, bias=False)
         self.attention_layers = (s_cfg.num_hidden_layers - 1, t_cfg.num_hidden_layers - 1)

@@ -145,13 +145,6 @@ class Feature(Method, name="feature"):
                 "feature.attention=relations"
             )
         if self.hidden_weight and s_cfg.hidden_size != t_cfg.hidden_size:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            if distributed and torch.distributed.get_world_size() > 1:
-                raise RecipeError(
-                    "feature distillation with projectors (student and teacher widths differ) "
-                    "runs in one process for now: their gradients would not be synchronised "
-                    "across processes (docs/distributed.md); launch one process"
-                )
             for s, _ in self.pairs:  # one projector per student layer of the map
                 self.projectors[str(s)] = nn.Linear(
                     s_cfg.hidden_size, t_cfg.hidden_size, bias=False

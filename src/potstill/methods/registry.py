@@ -30,6 +30,7 @@ class MethodInfo:
     shared_vocabulary: bool = True  # teacher and student logits are compared entry by entry
     packing: bool = True  # rows may be packed (data.packing)
     encoder: bool = False  # the models are bidirectional encoders (no LM head, no LM metrics)
+    samples: bool = False  # its sequences are the student's own samples, drawn during training
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -77,6 +78,7 @@ METHODS: dict[str, MethodInfo] = {
             needs_teacher=True,
             default_kind="reverse_kl",  # GKD and MiniLLM
             packing=False,  # a completion is sampled per prompt row
+            samples=True,
         ),
         MethodInfo(
             "draft",
