@@ -5,10 +5,11 @@ its exit code."""
 
 import json
 import sys
+from pathlib import Path
 
 from potstill.cli import main
 
-for argv in json.loads(open(sys.argv[1]).read()):
+for argv in json.loads(Path(sys.argv[1]).read_text()):
     code = main(argv)
     if code:
         sys.exit(code)
