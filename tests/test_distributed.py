@@ -32,8 +32,8 @@ TRAIN = (
 )
 # run -> (method, what its recipe adds to the shared teacher / student / data)
 RUNS = {
+    "token_level": "",  # first: its processes' peak memory is its own (the plan test reads it)
     "sft": "",
-    "token_level": "",
     "token_level_cached": "teacher: {source: cache}\ncache: {top_k: 4}\n",
     "sequence_level": "",
     "on_policy": "on_policy: {max_new_tokens: 6, lmbda: 0.5}\n",
