@@ -5,7 +5,7 @@ same recipe (one process, or two under `accelerate launch` with configs/accelera
 run's last metrics row holds `peak_memory_mb`, the resident-set peak of its largest process.
 Prints estimate, measurement and error. CPU only; runs one configuration at a time.
 
-    .venv/bin/python benchmarks/plan_memory.py [--steps 3] [--out runs/bench_plan]
+    .venv/bin/python benchmarks/plan_memory.py [--steps 3] [--out runs/bench_plan] [--only FSDP2]
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="runs/bench_plan")
+    ap.add_argument("--only", help="run the configurations whose name contains this")
     args = ap.parse_args()
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -73,6 +74,8 @@ def main() -> None:
     print(f"CPU: {cpu}, {os.cpu_count()} cores; {args.steps} steps per run\n")
     print(f"{'configuration':<34} {'plan':>9} {'measured':>9} {'error':>7}")
     for i, (name, recipe, n, engine, overrides) in enumerate(CONFIGS):
+        if args.only and args.only not in name:
+            continue
         plan = planned(recipe, n, engine, overrides)
         peak = measured(recipe, n, engine, overrides, ROOT / args.out / str(i), args.steps)
         print(

@@ -103,6 +103,13 @@ def engine(accelerator: Accelerator) -> str:
     return "one process"
 
 
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether the run's engine shards the model (FSDP2)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def is_fsdp(model: nn.Module) -> bool:
     """Whether ``model`` is sharded by FSDP2 (``fully_shard``)."""
     if not torch.distributed.is_available():

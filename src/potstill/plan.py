@@ -6,6 +6,7 @@ a sample of the training data, and the recipe. Memory per process, in bytes:
 
 - **runtime**: on a CPU the resident memory of this very process once torch and transformers are
   imported (what every run carries before its first tensor); on a GPU the CUDA context (~0.5 GiB);
+  CPU processes of a launch add 84 MiB for gloo (measured);
 - **student weights, gradients, AdamW states**: fp32 (4 + 4 + 8 bytes per trained parameter;
   frozen ones only their weight); DDP adds its gradient buckets (one more copy of the
   gradients); FSDP2 divides all three by the processes and adds what it gathers at a time (the
@@ -43,6 +44,7 @@ from potstill.utils import autocast_dtype, default_device_type
 GiB = 2**30
 PHASES = ("held", "train", "eval", "load")
 CUDA_CONTEXT = 0.5 * GiB  # what a process's CUDA context takes before any tensor (typical)
+GLOO = 84 * 2**20  # what a CPU process's gloo group adds once it communicates (measured here)
 
 
 @dataclass
@@ -327,6 +329,9 @@ def make_plan(
     plan.lines.append(
         Line("runtime", runtime_bytes(device, r.method), "what a run imports, the data")
     )
+    if device == "cpu" and n > 1:  # measured: a tiny model's first step under 2-process DDP on
+        # gloo took 84 MiB more than in one process (409 -> 493 MiB peak), whatever the model
+        plan.lines.append(Line("process group", GLOO, "gloo's buffers and threads (measured)"))
     gathered = 0.0
     if sharded:  # embedding + head units kept whole, two decoder layers in flight
         gathered = (vocab * hidden * (1 if student.config.tie_word_embeddings else 2)) * f32

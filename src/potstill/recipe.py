@@ -242,7 +242,7 @@ class TrainSpec:
     keep_freed_memory: bool = doc(
         "CPU runs on Linux: glibc keeps freed memory for reuse instead of returning it to the "
         "kernel (fewer page faults: ~7% faster steps on a 2-core CPU, ~4% more peak memory; "
-        "process-wide)",
+        "process-wide; not under FSDP2, whose gathered weights are handed back instead)",
         True,
     )
     log_every: int = doc("log metrics every N steps", 5)

@@ -55,6 +55,7 @@ from potstill.utils import (
     pad_token_id,
     peak_memory_bytes,
     precision_note,
+    return_freed_memory,
 )
 
 
@@ -390,7 +391,9 @@ def train(
     # process may train several students (the demo does) at different precisions.
     accelerator = distributed.make_accelerator()
     main = accelerator.is_main_process
-    if t.keep_freed_memory and accelerator.device.type == "cpu":
+    if accelerator.device.type == "cpu" and distributed.is_sharded(accelerator):
+        return_freed_memory()  # FSDP2 gathers and frees every unit each pass: give it back
+    elif t.keep_freed_memory and accelerator.device.type == "cpu":
         keep_freed_memory()
     set_seed(t.seed)
     if main:

@@ -94,16 +94,33 @@ def keep_freed_memory() -> bool:
     and one-way; a no-op (False) off glibc. Token-level KD on the demo pair, 2-core CPU, fp32,
     12 steps: 1.88M -> 0.54M page faults, system time 8.2 -> 4.2 s, 217 -> 233 tokens/s (mean of
     three alternating runs each), peak RSS +4%."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (e.g. musl)
+    libc = _glibc()
+    if libc is None:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def return_freed_memory(threshold: int = 2**20) -> bool:
+    """Make glibc's malloc serve blocks of ``threshold`` bytes or more from fresh mappings that
+    go back to the kernel when freed, at a fixed threshold (glibc otherwise raises it after each
+    freed mapping, up to 32 MB, and serves the multi-MB blocks from a heap that fragments and
+    keeps them). For FSDP2 on a CPU, whose every forward gathers and frees each unit's weights:
+    the demo pair under 2-process FSDP2 peaked at 3.2 GiB per process with glibc's defaults and
+    1.99 GiB with this. Process-wide; a no-op (False) off glibc."""
+    libc = _glibc()
+    m_mmap_threshold = -3  # <malloc.h>
+    return libc is not None and bool(libc.mallopt(m_mmap_threshold, threshold))
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None  # not musl
 
 
 def pad_token_id(tokenizer: Any) -> int:
