@@ -370,7 +370,10 @@ def make_plan(
         source = r.teacher.source if info.needs_teacher else "none"
         plan.lines.append(Line("teacher", 0.0, f"not in memory ({source})"))
     act = rows * layers * (6 * hidden + 2 * kv + 4 * inter) * f32
-    bf16 = autocast_dtype(t.precision, "cuda" if device == "gpu" else "cpu") is not None
+    if device == "gpu":  # planned from anywhere: `auto` is bf16 on the GPUs potstill targets
+        bf16 = t.precision in ("auto", "bf16")
+    else:
+        bf16 = autocast_dtype(t.precision, "cpu") is not None
     if bf16:
         act /= 2
     act += rows * (hidden + t_hidden) * f32  # final hidden states of both models
@@ -425,11 +428,13 @@ def make_plan(
 
     # --- knobs, largest saving first
     if plan.fits is False:
-        plan.knobs = _knobs(plan, r, sharded, live_teacher, act)
+        plan.knobs = _knobs(plan, r, sharded, live_teacher, act, bf16)
     return plan
 
 
-def _knobs(plan: Plan, r: Recipe, sharded: bool, live_teacher: bool, act: float) -> list[str]:
+def _knobs(
+    plan: Plan, r: Recipe, sharded: bool, live_teacher: bool, act: float, bf16: bool
+) -> list[str]:
     by_name = {line.name: line.bytes for line in plan.lines}
     options = []
     states = by_name["student weights"] + by_name["gradients"] + by_name["AdamW states"]
@@ -444,7 +449,7 @@ def _knobs(plan: Plan, r: Recipe, sharded: bool, live_teacher: bool, act: float)
                         "gradients and AdamW states of the adapters only"))  # fmt: skip
     options.append((act * 0.5, f"train.batch_size={max(1, r.train.batch_size // 2)} with "
                     f"train.grad_accum={r.train.grad_accum * 2}: half the activations, same step"))  # fmt: skip
-    if r.train.precision != "bf16":
+    if not bf16:
         options.append((act * 0.5, "train.precision=bf16: activations in half the bytes"))
     options.append((act * 0.25, f"data.max_length={r.data.max_length // 2}: shorter rows"))
     return [text for saved, text in sorted(options, key=lambda o: -o[0]) if saved > 0]
