@@ -90,21 +90,17 @@ def make_accelerator() -> Accelerator:
 
 
 def engine(accelerator: Accelerator) -> str:
-    """The engine in words: ``one process``, ``DDP``, ``FSDP2``, ``DeepSpeed ZeRO-N``."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
+    """The engine in words: ``one process``, ``DDP (backend)``, ``FSDP2`` (DeepSpeed and FSDP1
+    are refused by :func:`make_accelerator`)."""
+    if is_sharded(accelerator):
         return "FSDP2"
-    if kind == DistributedType.DEEPSPEED:
-        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     if accelerator.num_processes > 1:
         return f"DDP ({accelerator.state.backend})"
     return "one process"
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
-    """Whether the run's engine shards the model (FSDP2)."""
+    """Whether the run's engine shards the model (FSDP2, the one sharding engine let through)."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
@@ -130,9 +126,7 @@ def wrap_policy(accelerator: Accelerator, model: nn.Module) -> None:
     (``_no_split_modules``) except one holding the input embeddings (BERT's ``BertEmbeddings``),
     which Accelerate shards on its own after the blocks (twice would fail). A launch config that
     names its classes (``fsdp_transformer_layer_cls_to_wrap``) is left as it is."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP:
+    if not is_sharded(accelerator):
         return
     plugin = accelerator.state.fsdp_plugin
     if plugin.transformer_cls_names_to_wrap:
@@ -178,9 +172,7 @@ def _head_units(model: nn.Module) -> list[nn.Module]:
 def shard_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
     """Under FSDP2, shard the frozen teacher like the student (one unit per decoder layer, then the
     root), so each process holds 1/N of it; else return it as it is (each process its own copy)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP or is_fsdp(teacher):
+    if not is_sharded(accelerator) or is_fsdp(teacher):
         return teacher
     from torch.distributed.fsdp import fully_shard
 
@@ -223,21 +215,14 @@ def whole(model: nn.Module) -> Iterator[nn.Module]:
 
 def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's whole weights for saving: None where the model is whole on every process (one
-    process, DDP: save it as it is); under FSDP2 / ZeRO-3 every process must call this (it
-    gathers), and the main process gets the weights."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return None
-    return accelerator.get_state_dict(model)
+    process, DDP: save it as it is); under FSDP2 every process must call this (it gathers), and
+    the main process gets the weights."""
+    return accelerator.get_state_dict(model) if is_sharded(accelerator) else None
 
 
 def check_student(accelerator: Accelerator, transformed: bool) -> None:
-    """Refuse what is not supported under a sharding engine yet: LoRA and QAT students."""
-    from accelerate.utils import DistributedType
-
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and transformed:
+    """Refuse what is not supported under FSDP2 yet: LoRA and QAT students."""
+    if is_sharded(accelerator) and transformed:
         raise RecipeError(
             f"student.lora and student.qat run under DDP, not yet under {engine(accelerator)}: "
             "launch with configs/accelerate/ddp.yaml"

@@ -28,18 +28,17 @@ the head included) at the rate of fp32 matmuls measured here, or ``--tflops`` st
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from potstill.errors import RecipeError
+from potstill.models import count_parameters
 from potstill.recipe import Recipe
-from potstill.utils import autocast_dtype, default_device_type
+from potstill.utils import autocast_dtype, default_device_type, process_status_bytes
 
 GiB = 2**30
 PHASES = ("held", "train", "eval", "load")
@@ -169,10 +168,6 @@ def _models(r: Recipe, encoder: bool) -> tuple[nn.Module, nn.Module | None]:
     return student, teacher
 
 
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def _lora_params(model: nn.Module, r: int, targets: list[str]) -> int:
     """Adapter parameters of rank ``r`` on the linear layers named ``targets``."""
     total = 0
@@ -196,7 +191,7 @@ def _block_shape(model: nn.Module) -> tuple[int, int, int, int, int]:
 def _largest_block(model: nn.Module) -> int:
     """Parameters of the largest decoder (or encoder) layer."""
     blocks = set(getattr(model, "_no_split_modules", None) or ())
-    sizes = [_params(m) for m in model.modules() if type(m).__name__ in blocks]
+    sizes = [count_parameters(m) for m in model.modules() if type(m).__name__ in blocks]
     return max(sizes, default=0)
 
 
@@ -231,8 +226,10 @@ def _data_shape(r: Recipe, tokenizer: Any, sample: int = 256) -> DataShape:
 def cache_bytes_per_position(r: Recipe, vocab: int) -> float:
     """At most what a teacher cache stores per supervised position: ``top_k`` ids and
     log-probabilities, an entry count under a coverage rule, tail draws and their entropy."""
-    ids = 2 if vocab <= 1 << 16 else 4
-    value = torch.empty((), dtype=getattr(torch, r.cache.dtype)).element_size()
+    from potstill.teachers.cache import DTYPES
+    from potstill.teachers.writer import token_id_dtype
+
+    ids, value = token_id_dtype(vocab).itemsize, DTYPES[r.cache.dtype].itemsize
     c = r.cache
     return (
         c.top_k * (ids + value)
@@ -266,10 +263,7 @@ def runtime_bytes(device: str, method: str) -> float:
     from potstill.methods.registry import method_class
 
     method_class(method)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0.0
+    return float(process_status_bytes("VmRSS") or 0)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -289,6 +283,7 @@ def make_plan(
     from potstill.losses.fused import auto_chunk_size
     from potstill.methods.registry import method_info
     from potstill.models import load_tokenizer
+    from potstill.train import steps_for
 
     if engine not in ("ddp", "fsdp2"):
         raise RecipeError(f"--engine {engine!r}: ddp or fsdp2")
@@ -302,8 +297,10 @@ def make_plan(
 
     student, teacher = _models(r, info.encoder)
     live_teacher = info.needs_teacher and r.teacher.source == "live" and teacher is not None
-    plan.student_params = _params(student)
-    plan.teacher_params = _params(teacher) if live_teacher else 0
+    teacher_params = count_parameters(teacher) if teacher is not None else 0
+    t_bytes = getattr(torch, r.teacher.dtype).itemsize
+    plan.student_params = count_parameters(student)
+    plan.teacher_params = teacher_params if live_teacher else 0
     trained = plan.student_params
     if r.student.lora.r:
         trained = _lora_params(student, r.student.lora.r, list(r.student.lora.target_modules))
@@ -315,12 +312,7 @@ def make_plan(
     t = r.train
     rows = t.batch_size * (r.data.max_length if r.data.packing else data.longest)  # largest batch
     per_step = t.batch_size * t.grad_accum * n
-    if t.max_steps is not None:
-        steps = t.max_steps
-    elif t.max_tokens is not None:
-        steps = max(1, math.ceil(t.max_tokens / (mean_tokens * per_step)))
-    else:
-        steps = max(1, math.ceil(t.epochs * data.records / per_step))
+    steps = steps_for(r, data.records, mean_tokens, n)
     plan.tokens = int(steps * per_step * (r.data.max_length if r.data.packing else mean_tokens))
 
     # --- memory per process
@@ -354,7 +346,6 @@ def make_plan(
     )
     plan.lines.append(Line("AdamW states", 2 * trained * f32 * share, "two fp32 moments"))
     if live_teacher:
-        t_bytes = torch.empty((), dtype=getattr(torch, r.teacher.dtype)).element_size()
         _, t_hidden, *_ = _block_shape(teacher)
         root = vocab * t_hidden * t_bytes if sharded else 0.0
         plan.lines.append(
@@ -402,11 +393,10 @@ def make_plan(
         )
 
     if r.student.init == "prune" and teacher is not None:  # the teacher, then a deep copy of it
-        t_bytes = torch.empty((), dtype=getattr(torch, r.teacher.dtype)).element_size()
         plan.lines.append(
             Line(
                 "loading",
-                2 * _params(teacher) * t_bytes,
+                2 * teacher_params * t_bytes,
                 "the teacher and its copy to prune",
                 "load",
             )

@@ -229,15 +229,8 @@ def save(
     """Write the student to ``path`` (an existing, empty directory): a plain Hugging Face model,
     or with ``lora_save='adapter'`` a PEFT adapter folder over ``base``. ``state_dict``: the
     weights of a plain student whose own are sharded (gathered by the engine)."""
-    if state_dict is not None:
-        if is_transformed(model):
-            raise ValueError("a gathered state dict is saved for plain students only")
-        roles = {role: f"{name}.weight" for name, (_, role) in weight_roles(model).items()}
-        head, embedding = roles.get("output"), roles.get("embedding")
-        if getattr(model.config, "tie_word_embeddings", False) and head in state_dict:
-            state_dict = {k: v for k, v in state_dict.items() if k != head or k == embedding}
-        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
-        return
+    if state_dict is not None and is_transformed(model):
+        raise ValueError("a gathered state dict is saved for plain students only")
     if lora_save == "adapter" and hasattr(model, "_potstill_lora"):
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
@@ -253,9 +246,14 @@ def save(
         save_file(weights, f"{path}/adapter_model.safetensors", metadata={"format": "pt"})
         return
     with torch.no_grad():
-        state = plain_state_dict(model) if is_transformed(model) else None
+        state = state_dict
+        if state is None and is_transformed(model):
+            state = plain_state_dict(model)
     roles = {role: f"{name}.weight" for name, (_, role) in weight_roles(model).items()}
     head, embedding = ((state or {}).get(roles.get(r)) for r in ("output", "embedding"))
     if head is not None and embedding is not None and not torch.equal(head, embedding):
         model.config.tie_word_embeddings = False  # a LoRA head merged apart from the embedding
+    elif state_dict is not None and head is not None and model.config.tie_word_embeddings:
+        # a gathered state dict holds a tied head as a copy of its own: the embedding is enough
+        state = {k: v for k, v in state.items() if k != roles["output"]}
     model.save_pretrained(path, safe_serialization=True, state_dict=state)

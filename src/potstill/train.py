@@ -90,14 +90,20 @@ def lr_multiplier(step: int, *, total: int, warmup: int, schedule: str, min_rati
 
 def plan_steps(recipe: Recipe, examples: list[Example], num_processes: int = 1) -> int:
     """Optimizer steps implied by max_steps, max_tokens or epochs."""
+    mean_tokens = sum(len(e.input_ids) for e in examples) / max(1, len(examples))
+    return steps_for(recipe, len(examples), mean_tokens, num_processes)
+
+
+def steps_for(recipe: Recipe, examples: int, mean_tokens: float, num_processes: int = 1) -> int:
+    """Optimizer steps implied by max_steps, max_tokens or epochs over ``examples`` examples of
+    ``mean_tokens`` tokens each (also what ``potstill plan`` counts from a data sample)."""
     t = recipe.train
     per_step = t.batch_size * t.grad_accum * num_processes
     if t.max_steps is not None:
         return t.max_steps
     if t.max_tokens is not None:
-        mean_tokens = sum(len(e.input_ids) for e in examples) / max(1, len(examples))
         return max(1, math.ceil(t.max_tokens / (mean_tokens * per_step)))
-    return max(1, math.ceil(t.epochs * len(examples) / per_step))
+    return max(1, math.ceil(t.epochs * examples / per_step))
 
 
 def fused_adamw(model: nn.Module, accelerator: Accelerator) -> bool | None:

@@ -134,11 +134,17 @@ def peak_memory_bytes(device_type: str) -> int | None:
     elsewhere)."""
     if device_type == "cuda":
         return torch.cuda.max_memory_reserved()
+    return process_status_bytes("VmHWM")
+
+
+def process_status_bytes(field: str) -> int | None:
+    """A memory field of this process's /proc/self/status (``VmRSS``, ``VmHWM``, …) in bytes;
+    None off Linux."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
     for line in status.splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024  # kB
     return None

@@ -107,6 +107,12 @@ def top_k_rows(
         return chunked_rows(rows, hidden, weight, bias, (), chunk_size=settings.chunk_size)
 
 
+def token_id_dtype(vocab_size: int | None) -> torch.dtype:
+    """How a cache stores token ids: two bytes each where the vocabulary has at most 65,536
+    entries, else four."""
+    return torch.uint16 if vocab_size is not None and vocab_size <= 1 << 16 else torch.int32
+
+
 def write_split(
     score: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]],
     examples: Sequence[Example],
@@ -134,8 +140,7 @@ def write_split(
     start = shards[-1]["end"] if shards else 0
     if on_batch is not None and start:
         on_batch(start, sum(s["positions"] for s in shards), sum(s["entries"] for s in shards))
-    # ids < vocab_size: two bytes each where the vocabulary has at most 65,536 entries
-    id_dtype = torch.uint16 if vocab_size is not None and vocab_size <= 1 << 16 else torch.int32
+    id_dtype = token_id_dtype(vocab_size)
     k_dtype = torch.uint8 if settings.top_k < 1 << 8 else torch.int16  # entries per position
     ids_parts: list[Tensor] = []
     lp_parts: list[Tensor] = []
