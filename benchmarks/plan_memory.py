@@ -26,6 +26,8 @@ CONFIGS = [  # name, recipe, processes, engine, extra overrides
     ("token_level, 1 process", "recipes/token_level_forward_kl.yaml", 1, "ddp", []),
     ("token_level, 2 × DDP", "recipes/token_level_forward_kl.yaml", 2, "ddp", []),
     ("token_level, 2 × FSDP2", "recipes/token_level_forward_kl.yaml", 2, "fsdp2", []),
+    ("token_level, 2 × ZeRO-2", "recipes/token_level_forward_kl.yaml", 2, "zero2", []),
+    ("token_level, 2 × ZeRO-3", "recipes/token_level_forward_kl.yaml", 2, "zero3", []),
     ("sft baseline, 1 process", "recipes/sft_baseline.yaml", 1, "ddp", []),
     ("token_level batch 8, 1 process", "recipes/token_level_forward_kl.yaml", 1, "ddp",
      ["train.batch_size=8"]),

@@ -1,11 +1,13 @@
 """Several processes on this CPU (gloo), launched as users launch them: ``accelerate launch`` with
-the configs in configs/accelerate/. Every method trains under 2-process DDP and 2-process FSDP2
-and ends where one process with ``grad_accum=2`` over the same global batches does; a 2-process
-DDP run killed after its first checkpoint resumes to the uninterrupted run's weights bit for bit.
+the configs in configs/accelerate/. Every method trains under 2-process DDP, FSDP2, DeepSpeed ZeRO-2
+and ZeRO-3 and ends where one process with ``grad_accum=2`` over the same global batches does; a
+2-process run (DDP, ZeRO-3) killed after its first checkpoint resumes to the uninterrupted run's
+weights bit for bit.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -42,6 +44,17 @@ RUNS = {
     "draft": "draft: {eval_prompts: 2, eval_new_tokens: 4}\n",
     "embedding": "embedding: {relation_weight: 1.0}\n",
 }
+
+
+# configs/accelerate/ENGINE.yaml; DeepSpeed's where the deepspeed extra is installed (make does)
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ENGINES = ("ddp", "fsdp2", *(("zero2", "zero3") if HAVE_DEEPSPEED else ()))
+NO_DEEPSPEED = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed")
+
+
+def engines(*names: str) -> list:
+    """pytest parameters of ``names``, DeepSpeed's skipped without the package."""
+    return [pytest.param(n, marks=NO_DEEPSPEED) if n.startswith("zero") else n for n in names]
 
 
 @pytest.fixture(scope="module")
@@ -129,29 +142,47 @@ def source(run: str) -> list[str]:
     return ["teacher.source=cache"] if run.endswith("_cached") else []
 
 
+STEPS = 30  # of the resumed runs: long enough that the kill lands well before the end
+RESUMED = ("ddp", "zero3")  # the engines whose runs are killed and resumed
+
+
+def resume_steps(folder: Path) -> list[str]:
+    return [f"train.max_steps={STEPS}", "train.save_every=2", f"train.output_dir={folder}"]
+
+
 @pytest.fixture(scope="module")
 def runs(table, tmp_path_factory):
     """{engine: {method: run folder}}: one process with grad_accum=2 (in this process), and two
-    processes with grad_accum=1 under DDP and under FSDP2 (one launch each)."""
+    processes with grad_accum=1 under each engine (one launch each, the launches side by side;
+    those of RESUMED also train the uninterrupted run the resume test compares with)."""
     _, recipes = table
     out = tmp_path_factory.mktemp("runs")
-    folders = {e: {m: out / e / m for m in recipes} for e in ("one", "ddp", "fsdp2")}
-    folders["said"] = {}
-    for run, recipe in recipes.items():
-        argv = ["train", str(recipe), "train.grad_accum=2", *source(run)]
-        assert main([*argv, f"train.output_dir={folders['one'][run]}"]) == 0, run
-    for engine in ("ddp", "fsdp2"):
+    folders = {e: {m: out / e / m for m in recipes} for e in ("one", *ENGINES)}
+    folders["said"], folders["whole"] = {}, {}
+    launches = {}
+    for engine in ENGINES:
         jobs = [
             ["train", str(recipes[m]), *source(m), f"train.output_dir={folders[engine][m]}"]
             for m in recipes
         ]
-        said = finish(launch(engine, jobs, out))
-        assert said.count("done: 3 steps") == len(recipes), said[-3000:]  # the first process only
+        if engine in RESUMED:
+            folders["whole"][engine] = out / engine / "whole"
+            jobs.append(
+                ["train", str(recipes["token_level"]), *resume_steps(out / engine / "whole")]
+            )
+        launches[engine] = launch(engine, jobs, out)
+    for run, recipe in recipes.items():  # meanwhile
+        argv = ["train", str(recipe), "train.grad_accum=2", *source(run)]
+        assert main([*argv, f"train.output_dir={folders['one'][run]}"]) == 0, run
+    for engine, proc in launches.items():
+        said = finish(proc)
+        done = said.count("done: 3 steps")  # the first process only
+        assert done == len(recipes), said[-3000:]
         folders["said"][engine] = said
     return folders
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", engines("ddp", "fsdp2", "zero2", "zero3"))
 @pytest.mark.parametrize("run", list(RUNS))
 def test_two_processes_train_as_one_with_the_same_global_batches(runs, engine, run):
     one, two = runs["one"][run], runs[engine][run]
@@ -160,7 +191,12 @@ def test_two_processes_train_as_one_with_the_same_global_batches(runs, engine, r
     for k in a:
         if k.endswith("attention.self.key.bias"):  # BERT's key bias: its true gradient is 0 (a
             continue  # shift of every score in a row), so AdamW turns rounding noise into steps
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=2e-4, msg=k)
+        # AdamW's first steps are ±lr wherever a gradient is tiny, so summation order alone can
+        # move such an element by a step: 1 in 100,000 may (BERT under ZeRO-3: 3 of 15.6M),
+        # and no further than the run's 3 steps of lr 0.01
+        far = (b[k] - a[k]).abs() > 2e-4 + 1e-3 * a[k].abs()
+        assert int(far.sum()) <= a[k].numel() // 100_000, (k, int(far.sum()), a[k].numel())
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0.03, msg=k)
     rows_a, rows_b = train_rows(one), train_rows(two)
     assert [r["tokens"] for r in rows_b] == [r["tokens"] for r in rows_a]  # all processes counted
     for ra, rb in zip(rows_a, rows_b, strict=True):  # the global loss and gradient, every step
@@ -168,19 +204,30 @@ def test_two_processes_train_as_one_with_the_same_global_batches(runs, engine, r
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4, abs=1e-7)
 
 
-def test_each_run_says_its_engine_and_fsdp2_shards_the_teacher(runs):
-    said, teachers = runs["said"], len(RUNS) - 3  # sft, sequence_level, the cache: none loaded
-    assert (
-        said["ddp"].count("engine: DDP (gloo), 2 processes; teacher: a copy per process")
-        == teachers
-    )
-    assert said["fsdp2"].count("engine: FSDP2, 2 processes; teacher: sharded") == teachers
-    assert said["fsdp2"].count("engine: FSDP2, 2 processes; teacher: none") == 3
-    checkpoint = runs["fsdp2"]["token_level"] / "checkpoint"
-    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # each process wrote its shard
-
-
-STEPS = 30  # long enough that the kill lands well before the end
+@pytest.mark.parametrize(
+    ("engine", "says", "teacher"),
+    [
+        ("ddp", "DDP (gloo)", "a copy per process"),
+        ("fsdp2", "FSDP2", "sharded"),
+        pytest.param("zero2", "DeepSpeed ZeRO-2", "a copy per process", marks=NO_DEEPSPEED),
+        pytest.param("zero3", "DeepSpeed ZeRO-3", "sharded", marks=NO_DEEPSPEED),
+    ],
+)
+def test_each_run_says_its_engine_and_the_sharding_engines_shard_the_teacher(
+    runs, engine, says, teacher
+):
+    said = runs["said"][engine]
+    teachers = len(RUNS) - 3 + (engine in RESUMED)  # not sft, sequence_level, the cache
+    assert said.count(f"engine: {says}, 2 processes; teacher: {teacher}") == teachers
+    assert said.count(f"engine: {says}, 2 processes; teacher: none") == 3
+    checkpoint = runs[engine]["token_level"] / "checkpoint"
+    shards = {  # each process wrote its part of the weights or optimizer states
+        "fsdp2": ["pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"],
+        "zero2": [f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)],
+        "zero3": [f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)],
+    }
+    for shard in shards.get(engine, []):
+        assert (checkpoint / shard).is_file(), sorted(p.name for p in checkpoint.rglob("*"))
 
 
 def descendants(pid: int) -> list[int]:
@@ -207,16 +254,15 @@ def zombie(pid: int) -> bool:
         return True
 
 
-def test_a_killed_two_process_run_resumes_exactly(table, tmp_path):
+@pytest.mark.parametrize("engine", engines(*RESUMED))
+def test_a_killed_two_process_run_resumes_exactly(table, runs, tmp_path, engine):
     """SIGKILL to the whole launch (launcher and both workers) once the first checkpoint is in,
-    then the same launch again: the final weights equal an uninterrupted 2-process run's."""
+    then the same launch again: the final weights equal an uninterrupted 2-process run's (under
+    ZeRO-3: DeepSpeed's own checkpoint of partitions, the lr schedule set from the step)."""
     _, recipes = table
-    recipe = str(recipes["token_level"])
-    steps = [f"train.max_steps={STEPS}", "train.save_every=2"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    finish(launch("ddp", [["train", recipe, *steps, f"train.output_dir={whole}"]], tmp_path))
-    job = [["train", recipe, *steps, f"train.output_dir={cut}"]]
-    proc = launch("ddp", job, tmp_path)
+    whole, cut = runs["whole"][engine], tmp_path / "cut"
+    job = [["train", str(recipes["token_level"]), *resume_steps(cut)]]
+    proc = launch(engine, job, tmp_path)
     deadline = time.monotonic() + 300
     while not (cut / "checkpoint" / "state.json").is_file():
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -231,7 +277,7 @@ def test_a_killed_two_process_run_resumes_exactly(table, tmp_path):
     assert not [p for p in launched if Path(f"/proc/{p}").exists() and not zombie(p)]
     state = json.loads((cut / "checkpoint" / "state.json").read_text())
     assert 2 <= state["step"] < STEPS, state
-    said = finish(launch("ddp", job, tmp_path))
+    said = finish(launch(engine, job, tmp_path))
     assert f"resuming from {cut / 'checkpoint'} at step {state['step']}/{STEPS}" in said
     a, b = saved(whole), saved(cut)
     assert a.keys() == b.keys()
@@ -239,13 +285,18 @@ def test_a_killed_two_process_run_resumes_exactly(table, tmp_path):
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
 
 
-def planned_total(recipe: Path, *args: str) -> float:
-    """`potstill plan`'s total per process (MiB), from a fresh process as a user runs it."""
-    out = subprocess.run(
-        [sys.executable, "-m", "potstill.cli", "plan", str(recipe), "--tflops", "1", *args],
-        capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-    ).stdout  # fmt: skip
+def potstill(*argv: str) -> subprocess.Popen:
+    """``potstill ARGV`` in a fresh process, as a user runs it (stdout piped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "potstill.cli", *argv], stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
+
+
+def planned_total(proc: subprocess.Popen) -> float:
+    """`potstill plan`'s total per process (MiB)."""
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
     value, unit = re.search(r"^\s+total\s+([\d.]+) (GiB|MiB)", out, re.M).groups()
     return float(value) * (1024 if unit == "GiB" else 1)
 
@@ -256,28 +307,30 @@ def peak_mb(run: Path) -> float:
 
 
 def test_the_plan_is_within_a_quarter_of_the_measured_peak(table, runs, tmp_path):
-    """One process (its own subprocess, so that its peak is its own), and the 2-process DDP and
-    FSDP2 runs of the same recipe."""
+    """One process (its own subprocess, so that its peak is its own), and the 2-process runs of
+    the same recipe under each engine; the plans and the lone run side by side (a plan's memory
+    is its own process's, whatever else runs)."""
     _, recipes = table
-    recipe = recipes["token_level"]
+    recipe = str(recipes["token_level"])
     alone = tmp_path / "alone"
-    subprocess.run(
-        [sys.executable, "-m", "potstill.cli", "train", str(recipe), f"train.output_dir={alone}"],
-        capture_output=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-    )  # fmt: skip
+    lone = potstill("train", recipe, f"train.output_dir={alone}")
+    plans = {"one process": potstill("plan", recipe, "--tflops", "1")}
+    for engine in ENGINES:
+        plans[engine] = potstill(
+            "plan", recipe, "--tflops", "1", "--processes", "2", "--engine", engine
+        )
+    lone.communicate(timeout=300)
+    assert lone.returncode == 0
     cases = {
-        "one process": (planned_total(recipe), peak_mb(alone)),
-        "DDP": (planned_total(recipe, "--processes", "2"), peak_mb(runs["ddp"]["token_level"])),
-        "FSDP2": (
-            planned_total(recipe, "--processes", "2", "--engine", "fsdp2"),
-            peak_mb(runs["fsdp2"]["token_level"]),
-        ),
+        name: (planned_total(proc), peak_mb(runs[name]["token_level"] if name in runs else alone))
+        for name, proc in plans.items()
     }
     errors = {k: plan / peak - 1 for k, (plan, peak) in cases.items()}
     assert all(abs(e) <= 0.25 for e in errors.values()), (errors, cases)
+    print({k: f"{e:+.1%}" for k, e in errors.items()})
 
 
-def test_what_is_not_supported_yet_is_refused_naming_the_launch_that_works(monkeypatch):
+def test_what_is_not_supported_yet_is_refused_naming_the_launch_that_works():
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -285,13 +338,24 @@ def test_what_is_not_supported_yet_is_refused_naming_the_launch_that_works(monke
     from potstill import distributed
     from potstill.errors import RecipeError
 
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(RecipeError, match=r"DeepSpeed is not supported.*fsdp2.yaml"):
-        distributed.make_accelerator()
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2)
     with pytest.raises(RecipeError, match=r"student.lora and student.qat.*FSDP2.*ddp.yaml"):
         distributed.check_student(fsdp, transformed=True)
     distributed.check_student(fsdp, transformed=False)  # a plain student is fine
+    plugin = SimpleNamespace(zero_stage=2, deepspeed_config={"bf16": {"enabled": True}})
+    zero2 = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        num_processes=2,
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
+    with pytest.raises(RecipeError, match=r"student.lora and student.qat.*ZeRO-2.*ddp.yaml"):
+        distributed.check_student(zero2, transformed=True)
+    with pytest.raises(RecipeError, match=r"turns on bf16.*train.precision=bf16"):
+        distributed.configure_deepspeed(zero2, batch_size=2, grad_accum=1, max_grad_norm=1.0)
+    plugin.deepspeed_config = {"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}
+    distributed.configure_deepspeed(zero2, batch_size=2, grad_accum=3, max_grad_norm=None)
+    assert plugin.deepspeed_config["train_batch_size"] == 12  # 2 × 3 × 2 processes
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.0  # train.max_grad_norm: none
 
 
 def test_a_plan_that_does_not_fit_names_the_knobs(table):

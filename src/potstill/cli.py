@@ -350,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--processes", type=int, default=None, help="CPU processes (default: 1; --gpus for GPUs)"
     )
-    p.add_argument("--engine", choices=["ddp", "fsdp2"], default="ddp", help="default: ddp")
+    p.add_argument(
+        "--engine", choices=["ddp", "fsdp2", "zero2", "zero3"], default="ddp", help="default: ddp"
+    )
     p.add_argument("--gpu-memory", type=float, metavar="GB", help="memory per GPU (GiB)")
     p.add_argument(
         "--tflops",

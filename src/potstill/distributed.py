@@ -1,17 +1,22 @@
 """Several processes: which engine a run is under, and the few things the loop does for one.
 
 potstill brings no parallel engine of its own: Accelerate launches the processes and wraps the
-student in PyTorch's DDP or FSDP2 (or DeepSpeed). What this module adds is what distillation needs
-on top (docs/distributed.md):
+student in PyTorch's DDP or FSDP2, or in DeepSpeed's engine (ZeRO stage 1, 2 or 3). What this
+module adds is what distillation needs on top (docs/distributed.md):
 
 - :func:`make_accelerator` — the Accelerator of a run, refusing a launch that would silently train
-  N independent copies, and running FSDP2 on CPUs (gloo), where Accelerate itself only runs DDP;
-- :func:`prepare_student` — under FSDP2 the student's root unit (embeddings, final norm, LM head)
-  stays gathered from its forward to its backward, so the losses, which read the LM head outside
-  the forward (a chunk of rows at a time), see the whole head; its gradient is reduce-scattered
-  by FSDP2's own backward hooks like any other;
-- :func:`shard_teacher` — the frozen teacher sharded with FSDP2 too (no optimizer state, no
-  gradients), and :func:`release` to free its gathered root after each micro-batch;
+  N independent copies, and running FSDP2 and DeepSpeed on CPUs (gloo), where Accelerate itself
+  only runs DDP; :func:`configure_deepspeed` hands DeepSpeed the run's batch, accumulation and
+  clipping;
+- :func:`prepare_student` — the losses read the LM head outside the forward (a chunk of rows at a
+  time), so the head stays whole where they read it: under FSDP2 the units holding it stay gathered
+  from the forward to the backward; under ZeRO-3 it is a persistent parameter (DeepSpeed's own
+  mechanism for small parameters: whole on every process, its gradient partitioned like any other);
+- :func:`backward` and :func:`engine_step` — under DeepSpeed its engine runs the backward and takes
+  the step (it clips, and skips a step whose gradient norm is not finite);
+- :func:`shard_teacher` — the frozen teacher sharded too (FSDP2, or ZeRO-3 without an optimizer;
+  no optimizer state, no gradients), and :func:`release` to free its gathered root after each
+  micro-batch;
 - :func:`whole` — a model gathered for generation (on-policy sampling, held-out sampling):
   processes draw different numbers of tokens, so no per-forward collective may run;
 - :func:`full_state_dict` — every process takes part in gathering the weights to save.
@@ -19,13 +24,16 @@ on top (docs/distributed.md):
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from potstill.errors import RecipeError
 from potstill.lm import unwrap
@@ -49,23 +57,38 @@ def make_accelerator() -> Accelerator:
     - An FSDP launch (``ACCELERATE_USE_FSDP``) on CPUs: Accelerate keeps FSDP for accelerators, but
       PyTorch's FSDP2 runs on gloo; the run gets Accelerate's FSDP state and plugin (read from
       the launch config) all the same.
+    - A DeepSpeed launch on CPUs: its process group is made with gloo (else Accelerate counts one
+      process while DeepSpeed counts them all, and DeepSpeed's batch check fails).
     """
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import (
+        DistributedType,
+        FullyShardedDataParallelPlugin,
+        InitProcessGroupKwargs,
+    )
 
     launched = launched_processes()
     cpu = launched > 1 and not torch.accelerator.is_available()
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise RecipeError(
-            "DeepSpeed is not supported yet: under Accelerate its engine steps the optimizer "
-            "inside backward (before potstill's non-finite check) and divides the loss by its "
-            "own accumulation count (docs/distributed.md). Launch FSDP2, which shards weights, "
-            "gradients and optimizer states as ZeRO-3 does: configs/accelerate/fsdp2.yaml"
-        )
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = []
+    if deepspeed:
+        _import_deepspeed()
+        if cpu:
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
     # step_scheduler_with_optimizer=False: the schedule counts optimizer steps (Accelerate would
     # step it once per process otherwise)
-    accelerator = Accelerator(cpu=cpu, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        cpu=cpu and not deepspeed, step_scheduler_with_optimizer=False, kwargs_handlers=handlers
+    )
+    if deepspeed:
+        # Accelerate's DeepSpeed config tells transformers that ZeRO-3 is on, and transformers
+        # then loads every later model straight into partitions and makes generate() step all
+        # processes together: potstill loads its models whole before the engine starts
+        # (zero3_init_flag: false) and gathers the student for sampling (whole())
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     state = accelerator.state
     if cpu and fsdp and state.distributed_type == DistributedType.MULTI_CPU:
         # both of Accelerate's shared states: an AcceleratorState() made later copies PartialState's
@@ -89,9 +112,69 @@ def make_accelerator() -> Accelerator:
     return accelerator
 
 
+def _import_deepspeed() -> None:
+    """DeepSpeed, or an error naming the extra; its INFO lines (one per step and setting) are
+    left out of the run's output."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise RecipeError(
+            "a DeepSpeed launch needs the deepspeed package: pip install 'potstill[deepspeed]' "
+            "(or launch configs/accelerate/fsdp2.yaml, which shards the same three things)"
+        ) from e
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    # DeepSpeed's collectives call torch.distributed's older names, one warning per call
+    warnings.filterwarnings(
+        "ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning, "torch.distributed"
+    )
+
+
+def configure_deepspeed(
+    accelerator: Accelerator, *, batch_size: int, grad_accum: int, max_grad_norm: float | None
+) -> None:
+    """Before ``accelerator.prepare`` under DeepSpeed: the run's micro-batch, accumulation and
+    clipping in DeepSpeed's config (its ``auto`` values are filled from a data loader potstill
+    does not hand it), and the whole weights gathered for saving under ZeRO-3. A config that turns
+    on DeepSpeed's fp16/bf16 is refused: potstill casts by ``train.precision`` itself."""
+    stage = deepspeed_stage(accelerator)
+    if stage is None:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for precision in ("fp16", "bf16"):
+        if (config.get(precision) or {}).get("enabled") in (True, "true"):
+            raise RecipeError(
+                f"the DeepSpeed config turns on {precision}: potstill applies train.precision "
+                "itself (autocast, fp32 weights and AdamW states); set mixed_precision: 'no' "
+                "in the launch config and train.precision=bf16 in the recipe instead"
+            )
+    config.update(
+        train_micro_batch_size_per_gpu=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        train_batch_size=batch_size * grad_accum * accelerator.num_processes,
+        gradient_clipping=float(max_grad_norm or 0.0),
+        steps_per_print=2**62,
+    )
+    config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+    accelerator.gradient_accumulation_steps = grad_accum  # what Accelerate checks DeepSpeed's by
+
+
+def deepspeed_stage(accelerator: Accelerator) -> int | None:
+    """The ZeRO stage of a DeepSpeed run, else None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
 def engine(accelerator: Accelerator) -> str:
-    """The engine in words: ``one process``, ``DDP (backend)``, ``FSDP2`` (DeepSpeed and FSDP1
-    are refused by :func:`make_accelerator`)."""
+    """The engine in words: ``one process``, ``DDP (backend)``, ``FSDP2``, ``DeepSpeed ZeRO-N``
+    (FSDP1 is refused by :func:`make_accelerator`)."""
+    stage = deepspeed_stage(accelerator)
+    if stage is not None:
+        return f"DeepSpeed ZeRO-{stage}"
     if is_sharded(accelerator):
         return "FSDP2"
     if accelerator.num_processes > 1:
@@ -100,7 +183,13 @@ def engine(accelerator: Accelerator) -> str:
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
-    """Whether the run's engine shards the model (FSDP2, the one sharding engine let through)."""
+    """Whether the run's engine shards the model's weights (FSDP2, ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP or deepspeed_stage(accelerator) == 3
+
+
+def _is_fsdp_run(accelerator: Accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
@@ -126,7 +215,7 @@ def wrap_policy(accelerator: Accelerator, model: nn.Module) -> None:
     (``_no_split_modules``) except one holding the input embeddings (BERT's ``BertEmbeddings``),
     which Accelerate shards on its own after the blocks (twice would fail). A launch config that
     names its classes (``fsdp_transformer_layer_cls_to_wrap``) is left as it is."""
-    if not is_sharded(accelerator):
+    if not _is_fsdp_run(accelerator):
         return
     plugin = accelerator.state.fsdp_plugin
     if plugin.transformer_cls_names_to_wrap:
@@ -144,15 +233,21 @@ def wrap_policy(accelerator: Accelerator, model: nn.Module) -> None:
 
 
 def prepare_student(model: nn.Module) -> None:
-    """After ``accelerator.prepare``: the FSDP2 units that hold an LM head's weight (the root, or
-    the head's and a tied embedding's own units, as Accelerate's wrap policy makes them) stay
-    gathered from their forward to their backward, so the losses, which read the head after the
-    forward, see the whole matrix; a launch config's ``reshard_after_forward`` applies to the rest.
-    Backward reshards them and reduce-scatters the head's gradient like any other."""
-    if not is_fsdp(model):
-        return
-    for unit in _head_units(model):
-        unit.set_reshard_after_forward(False, recurse=False)
+    """After ``accelerator.prepare`` (``model`` as it returned it), so that the losses, which read
+    the LM head after the forward, see the whole matrix:
+
+    - FSDP2: the units that hold an LM head's weight (the root, or the head's and a tied
+      embedding's own units, as Accelerate's wrap policy makes them) stay gathered from their
+      forward to their backward; a launch config's ``reshard_after_forward`` applies to the rest.
+      Backward reshards them and reduce-scatters the head's gradient like any other.
+    - ZeRO-3: the head's weight (and bias) are persistent parameters, as DeepSpeed keeps those
+      under ``stage3_param_persistence_threshold``: whole on every process between steps, their
+      gradients reduce-scattered and their update gathered back after each step."""
+    if is_fsdp(model):
+        for unit in _head_units(model):
+            unit.set_reshard_after_forward(False, recurse=False)
+    elif _zero3(model) is not None:
+        _persist_heads(_zero3(model), model.module)
 
 
 def _head_units(model: nn.Module) -> list[nn.Module]:
@@ -169,10 +264,64 @@ def _head_units(model: nn.Module) -> list[nn.Module]:
     return [u for u in holding if not any(v is not u and v in holding for v in u.modules())]
 
 
+def _zero3(model: nn.Module) -> Any | None:
+    """The ZeRO-3 parameter coordinator (``DeepSpeedZeRoOffload``) of a DeepSpeed engine whose
+    weights are partitioned, else None."""
+    if not getattr(model, "zero_optimization_partition_weights", lambda: False)():
+        return None
+    return getattr(model.optimizer, "parameter_offload", model.optimizer)
+
+
+def _heads(model: nn.Module) -> list[nn.Parameter]:
+    """The LM head's parameters (weight, bias; a tied embedding shares the weight); none for an
+    encoder."""
+    head = getattr(unwrap(model), "get_output_embeddings", lambda: None)()
+    return [] if head is None else list(head.parameters(recurse=False))
+
+
+def _persist_heads(offload: Any, model: nn.Module) -> None:
+    heads = _heads(model)
+    if not heads:
+        return
+    for p in heads:
+        # persistent: whole between steps (the step partitions it, then gathers it back);
+        # external: module hooks never release it (a first, trace-recording forward would)
+        p.ds_persist = p.is_external_param = True
+        if not any(p is q for q in offload.persistent_parameters):
+            offload.persistent_parameters.append(p)  # gathered again after each optimizer step
+    heads[0].all_gather(param_list=heads)
+
+
+# the DeepSpeed engines holding sharded teachers (their hooks act on the teacher module itself)
+_TEACHER_ENGINES: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
 def shard_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
-    """Under FSDP2, shard the frozen teacher like the student (one unit per decoder layer, then the
-    root), so each process holds 1/N of it; else return it as it is (each process its own copy)."""
-    if not is_sharded(accelerator) or is_fsdp(teacher):
+    """Shard the frozen teacher like the student, so each process holds 1/N of it: under FSDP2
+    one unit per decoder layer, then the root; under ZeRO-3 a DeepSpeed engine without an
+    optimizer (ZeRO's inference mode) with its LM head kept whole (see :func:`prepare_student`).
+    Else return it as it is (each process its own copy)."""
+    if not is_sharded(accelerator) or is_sharded_model(teacher):
+        return teacher
+    if deepspeed_stage(accelerator) == 3:
+        import deepspeed
+
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        engine, *_ = deepspeed.initialize(
+            model=teacher,
+            config={
+                "train_micro_batch_size_per_gpu": 1,
+                "steps_per_print": 2**62,
+                "zero_optimization": {
+                    "stage": 3,
+                    "stage3_param_persistence_threshold": config["zero_optimization"].get(
+                        "stage3_param_persistence_threshold", 0
+                    ),
+                },
+            },
+        )
+        _persist_heads(_zero3(engine), teacher)
+        _TEACHER_ENGINES[teacher] = engine
         return teacher
     from torch.distributed.fsdp import fully_shard
 
@@ -182,6 +331,13 @@ def shard_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
             fully_shard(module)
     fully_shard(teacher, reshard_after_forward=False)  # its root stays gathered for the loss
     return teacher
+
+
+def is_sharded_model(model: nn.Module | None) -> bool:
+    """Whether ``model``'s weights are sharded over the processes (FSDP2, ZeRO-3)."""
+    if model is None:
+        return False
+    return is_fsdp(model) or any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def release(model: nn.Module | None) -> None:
@@ -194,10 +350,27 @@ def release(model: nn.Module | None) -> None:
 
 @contextmanager
 def whole(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` with every FSDP2 unit gathered and kept so for the block: forward passes inside
-    it run no collective, so processes may decode different numbers of tokens. Costs the whole
-    model's memory on each process for the block (as DeepSpeed's and TRL's generation gathers
-    do). A no-op for any other model."""
+    """``model`` (as ``accelerator.prepare`` returned it) with every weight gathered and kept so
+    for the block: forward passes inside it run no collective, so processes may decode different
+    numbers of tokens. Costs the whole model's memory on each process for the block (as TRL's
+    generation gathers do). Under FSDP2 every unit is unsharded; under ZeRO-3 every partitioned
+    parameter is gathered and DeepSpeed's module hooks (which would fetch and release per forward)
+    are taken off for the block. A no-op for any other model."""
+    offload = _zero3(model)
+    if offload is not None:
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # those not whole now (the LM head is, and so may be DeepSpeed's persistent parameters)
+        missing = [p for p in model.module.parameters() if p.ds_status != ZeroParamStatus.AVAILABLE]
+        with deepspeed.zero.GatheredParameters(missing):
+            offload._remove_module_hooks()
+            try:
+                yield model
+            finally:
+                offload.forward_hooks, offload.backward_hooks = [], []
+                offload.setup_zero_stage3_hooks()
+        return
     if not is_fsdp(model):
         yield model
         return
@@ -220,9 +393,34 @@ def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, tor
     return accelerator.get_state_dict(model) if is_sharded(accelerator) else None
 
 
+def backward(accelerator: Accelerator, model: nn.Module, loss: Tensor, *, last: bool) -> None:
+    """Backward of one micro-batch's loss (already normalised once for the whole step). Under
+    DeepSpeed its engine runs it, told whether this is the step's last micro-batch and not to
+    divide the loss by its accumulation count again; :func:`engine_step` then takes the step."""
+    if deepspeed_stage(accelerator) is None:
+        accelerator.backward(loss)
+        return
+    model.set_gradient_accumulation_boundary(last)
+    model.backward(loss, scale_wrt_gas=False)
+
+
+def steps_in_engine(accelerator: Accelerator) -> bool:
+    """Whether the engine takes the optimizer step itself (DeepSpeed: :func:`engine_step`)."""
+    return deepspeed_stage(accelerator) is not None
+
+
+def engine_step(model: nn.Module) -> float:
+    """DeepSpeed's step after the last micro-batch: it clips to ``gradient_clipping``, skips the
+    update when the gradient norm is not finite, else steps AdamW and the lr schedule. Returns the
+    gradient norm before clipping (inf where the step was skipped)."""
+    model.step()
+    norm = model.get_global_grad_norm()
+    return float("nan") if norm is None else float(norm)
+
+
 def check_student(accelerator: Accelerator, transformed: bool) -> None:
-    """Refuse what is not supported under FSDP2 yet: LoRA and QAT students."""
-    if is_sharded(accelerator) and transformed:
+    """Refuse what is not supported under FSDP2 and DeepSpeed yet: LoRA and QAT students."""
+    if (is_sharded(accelerator) or steps_in_engine(accelerator)) and transformed:
         raise RecipeError(
             f"student.lora and student.qat run under DDP, not yet under {engine(accelerator)}: "
             "launch with configs/accelerate/ddp.yaml"

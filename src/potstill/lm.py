@@ -330,11 +330,11 @@ def lm_head(model: nn.Module, vocab_size: int | None = None) -> tuple[Tensor, Te
     if _sharded(weight):
         raise RecipeError(
             f"the LM head's weight is sharded across processes ({type(weight).__name__} of "
-            f"shape {tuple(weight.shape)}) where a loss reads it: under FSDP2 potstill's loop "
-            "keeps the head's units gathered from the model's forward to its backward "
-            "(potstill.distributed.prepare_student); a model sharded elsewhere, or a head read "
-            "before the forward, sees the shard. Train with `potstill train` launched with "
-            "configs/accelerate/fsdp2.yaml or ddp.yaml"
+            f"shape {tuple(weight.shape)}) where a loss reads it: potstill's loop keeps the head "
+            "whole where the losses read it (FSDP2: its units gathered from the forward to the "
+            "backward; ZeRO-3: a persistent parameter; potstill.distributed.prepare_student); a "
+            "model sharded elsewhere, or a head read before the forward, sees the shard. Train "
+            "with `potstill train` launched with a config from configs/accelerate/"
         )
     if vocab_size is not None and vocab_size < weight.shape[0]:
         # (a no-op slice still costs: its backward writes the gradient into a fresh (V, H) zeros)

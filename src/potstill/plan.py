@@ -59,7 +59,7 @@ class Line:
 class Plan:
     recipe: str
     method: str
-    engine: str  # "one process", "DDP", "FSDP2"
+    engine: str  # "one process", "DDP", "FSDP2", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3"
     processes: int
     device: str  # "cpu" or "gpu"
     lines: list[Line] = field(default_factory=list)
@@ -253,17 +253,22 @@ def measured_flop_rate(seconds: float = 0.5) -> float:
     return best
 
 
-def runtime_bytes(device: str, method: str) -> float:
+def runtime_bytes(device: str, method: str, with_deepspeed: bool = False) -> float:
     """What a process holds before its first tensor: here, this process's resident memory once it
-    has imported what a run of ``method`` imports (and read the data sample); on a GPU, the CUDA
-    context."""
+    has imported what a run of ``method`` imports (and read the data sample; DeepSpeed where the
+    engine is DeepSpeed's); on a GPU, the CUDA context."""
     if device == "gpu":
         return CUDA_CONTEXT
     import potstill.train  # noqa: F401  (the loop, Accelerate, TensorBoard, the evaluation)
     from potstill.methods.registry import method_class
 
     method_class(method)
+    if with_deepspeed:
+        import deepspeed  # noqa: F401
     return float(process_status_bytes("VmRSS") or 0)
+
+
+ENGINES = {"ddp": "DDP", "fsdp2": "FSDP2", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -279,19 +284,21 @@ def make_plan(
     memory_gb: float | None = None,
     tflops: float | None = None,
 ) -> Plan:
-    """The plan of recipe ``r`` on ``processes`` processes (``engine``: ddp or fsdp2)."""
+    """The plan of recipe ``r`` on ``processes`` processes (``engine``: one of :data:`ENGINES`)."""
     from potstill.losses.fused import auto_chunk_size
     from potstill.methods.registry import method_info
     from potstill.models import load_tokenizer
     from potstill.train import steps_for
 
-    if engine not in ("ddp", "fsdp2"):
-        raise RecipeError(f"--engine {engine!r}: ddp or fsdp2")
+    if engine not in ENGINES:
+        raise RecipeError(f"--engine {engine!r}: one of {', '.join(ENGINES)}")
     info = method_info(r.method)
     device = device or ("gpu" if default_device_type() == "cuda" else "cpu")
     n = max(1, processes)
-    sharded = engine == "fsdp2" and n > 1
-    name = "one process" if n == 1 else ("FSDP2" if sharded else "DDP")
+    sharded = engine in ("fsdp2", "zero3") and n > 1  # the weights, 1/N per process
+    states_sharded = sharded or (engine == "zero2" and n > 1)  # gradients and AdamW states
+    ddp = n > 1 and engine == "ddp"
+    name = "one process" if n == 1 else ENGINES[engine]
     plan = Plan(recipe_path, r.method, name, n, device)
     plan.capacity = memory_gb * GiB if memory_gb else None
 
@@ -319,35 +326,47 @@ def make_plan(
     f32 = 4
     share = 1 / n if sharded else 1.0
     plan.lines.append(
-        Line("runtime", runtime_bytes(device, r.method), "what a run imports, the data")
+        Line(
+            "runtime",
+            runtime_bytes(device, r.method, engine.startswith("zero")),
+            "what a run imports, the data",
+        )
     )
     if device == "cpu" and n > 1:  # measured: a tiny model's first step under 2-process DDP on
         # gloo took 84 MiB more than in one process (409 -> 493 MiB peak), whatever the model
         plan.lines.append(Line("process group", GLOO, "gloo's buffers and threads (measured)"))
     gathered = 0.0
-    if sharded:  # embedding + head units kept whole, two decoder layers in flight
+    if sharded and engine == "fsdp2":  # the embedding and head units kept whole, two layers in
+        # flight
         gathered = (vocab * hidden * (1 if student.config.tie_word_embeddings else 2)) * f32
         gathered += 2 * _largest_block(student) * f32
+    elif sharded:  # ZeRO-3 prefetches and keeps up to stage3_max_live_parameters gathered
+        gathered = (_live(plan.student_params) - plan.student_params * share) * f32
+    # DeepSpeed's optimizer steps an fp32 copy of each process's partition (even of fp32 weights)
+    copy = trained * f32 / n if engine.startswith("zero") and n > 1 else 0.0
     plan.lines.append(
         Line(
             "student weights",
-            plan.student_params * f32 * share + gathered,
+            plan.student_params * f32 * share + gathered + copy,
             f"{plan.student_params / 1e6:.1f}M fp32"
-            + (f", 1/{n} each + {_size(gathered)} gathered" if sharded else ""),
+            + (f", 1/{n} each + {_size(gathered)} gathered" if sharded else "")
+            + (f" + DeepSpeed's 1/{n} fp32 copy" if copy else ""),
         )
     )
-    grads = trained * f32 * share * (2 if n > 1 and not sharded else 1)
-    plan.lines.append(
-        Line(
-            "gradients",
-            grads,
-            f"{trained / 1e6:.1f}M trained" + (" + DDP buckets" if n > 1 and not sharded else ""),
-        )
-    )
-    plan.lines.append(Line("AdamW states", 2 * trained * f32 * share, "two fp32 moments"))
+    state_share = 1 / n if states_sharded else 1.0
+    grads = trained * f32 * state_share
+    note = f"{trained / 1e6:.1f}M trained" + (f", 1/{n} each" if states_sharded else "")
+    if ddp:
+        grads, note = 2 * grads, note + " + DDP buckets"
+    elif engine == "zero2" and n > 1:  # whole until its reduce bucket (5e8 values) is reduced
+        grads, note = grads + trained * f32, note + " + whole ones until reduced"
+    plan.lines.append(Line("gradients", grads, note))
+    plan.lines.append(Line("AdamW states", 2 * trained * f32 * state_share, "two fp32 moments"))
     if live_teacher:
         _, t_hidden, *_ = _block_shape(teacher)
         root = vocab * t_hidden * t_bytes if sharded else 0.0
+        if sharded and engine == "zero3":
+            root = (_live(plan.teacher_params) - plan.teacher_params * share) * t_bytes
         plan.lines.append(
             Line(
                 "teacher",
@@ -418,8 +437,18 @@ def make_plan(
 
     # --- knobs, largest saving first
     if plan.fits is False:
-        plan.knobs = _knobs(plan, r, sharded, live_teacher, act, bf16)
+        plan.knobs = _knobs(plan, r, states_sharded, live_teacher, act, bf16)
     return plan
+
+
+def _live(params: int) -> float:
+    """Parameters a ZeRO-3 engine holds gathered while it runs: up to DeepSpeed's default
+    ``stage3_max_live_parameters`` (1e9), which its prefetching reaches (measured: the demo
+    pair's teacher and student both whole by the second step)."""
+    return float(min(params, ZERO3_MAX_LIVE))
+
+
+ZERO3_MAX_LIVE = 1e9
 
 
 def _knobs(

@@ -7,7 +7,8 @@ One optimizer step (the hooks are :class:`potstill.methods.base.Method`'s, calle
   2) for each: ``method.loss(...)`` (sums) divided once by that count
      (:func:`potstill.losses.normalise`), backward;
   3) refuse a non-finite loss or gradient (the last good checkpoint stays untouched);
-  4) clip, AdamW step (fused where it can be), lr schedule step;
+  4) clip, AdamW step (fused where it can be), lr schedule step (under DeepSpeed its engine
+     clips and steps at 3, and skips a non-finite step itself);
   5) log / evaluate / checkpoint on their intervals.
 Checkpoints hold safetensors weights (the student's and the method's trainable modules'),
 optimizer, scheduler, RNG states and the data position, and are swapped in atomically. An
@@ -396,6 +397,9 @@ def train(
     # Autocast is ours, not Accelerate's: its precision is a process-wide singleton, and one
     # process may train several students (the demo does) at different precisions.
     accelerator = distributed.make_accelerator()
+    distributed.configure_deepspeed(
+        accelerator, batch_size=t.batch_size, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm
+    )
     main = accelerator.is_main_process
     if accelerator.device.type == "cpu" and distributed.is_sharded(accelerator):
         return_freed_memory()  # FSDP2 gathers and frees every unit each pass: give it back
@@ -409,7 +413,7 @@ def train(
     eval_teacher = eval_teacher if eval_teacher is not None else teacher
     for model in {id(m): m for m in (teacher, eval_teacher) if m is not None}.values():
         model.requires_grad_(False).eval().to(accelerator.device)  # the teacher never trains
-        distributed.shard_teacher(accelerator, model)  # FSDP2: 1/N of it per process
+        distributed.shard_teacher(accelerator, model)  # FSDP2, ZeRO-3: 1/N of it per process
 
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("the student has no trainable parameters (all have requires_grad=False)")
@@ -437,21 +441,29 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     distributed.wrap_policy(accelerator, model)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    root = accelerator.unwrap_model(model)  # the engine's root unit (FSDP2 gathers through it)
-    distributed.prepare_student(root)
+    engine_steps = distributed.steps_in_engine(accelerator)  # DeepSpeed: its engine steps
+    if engine_steps:  # DeepSpeed regroups the parameters: the schedule sets their lr (set_lr)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def set_lr(step: int) -> None:
+        """The lr of optimizer step ``step`` in every group (every group starts at train.lr)."""
+        for group in optimizer.param_groups:
+            group["lr"] = t.lr * schedule(step)
+
+    distributed.prepare_student(model)  # the LM head whole where the losses read it
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "position": {"epoch": 0, "batch": 0}}
     ckpt = find_checkpoint(out) if t.resume else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "state.json").read_text())
-        # The optimizer's saved lr is the old run's; a resumed run with another horizon
-        # (train.max_steps) takes its next step at this run's schedule.
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * schedule(state["step"])
         if main:
             print(f"resuming from {ckpt} at step {state['step']}/{total_steps}")
+    # A resumed run's optimizer holds the old run's lr; with another horizon (train.max_steps) it
+    # takes its next step at this run's schedule (and DeepSpeed's regrouped parameters get theirs).
+    set_lr(state["step"])
     pad_id = pad_token_id(tokenizer)
     batches = batch_stream(
         accelerator,
@@ -477,7 +489,7 @@ def train(
 
     def run_eval() -> dict[str, float]:
         metrics = {}
-        with distributed.whole(root):  # every process evaluates the same batches
+        with distributed.whole(model):  # every process evaluates the same batches
             if not method.info.encoder:  # the language-model metrics (an encoder has no LM head)
                 metrics = evaluate(
                     model,
@@ -496,7 +508,7 @@ def train(
     if main:
         print(precision_note(t.precision, accelerator.device.type))
         if accelerator.num_processes > 1:
-            held = "sharded" if distributed.is_fsdp(teacher) else "a copy per process"
+            held = "sharded" if distributed.is_sharded_model(teacher) else "a copy per process"
             print(
                 f"engine: {distributed.engine(accelerator)}, {accelerator.num_processes} "
                 f"processes; teacher: {held if teacher is not None else 'none'}"
@@ -532,8 +544,8 @@ def train(
             micro = [next(batches) for _ in range(t.grad_accum)]
             t_seq = time.perf_counter()
             # a sampling method's processes decode different numbers of tokens: no collective
-            # may run per forward (FSDP2 gathers the student whole for it)
-            with distributed.whole(root) if method.info.samples else contextlib.nullcontext():
+            # may run per forward (FSDP2 and ZeRO-3 gather the student whole for it)
+            with distributed.whole(model) if method.info.samples else contextlib.nullcontext():
                 micro = [
                     method.sequences(
                         b,
@@ -567,7 +579,7 @@ def train(
                     accelerator.device.type, dtype=amp_dtype, enabled=amp_dtype is not None
                 ):
                     loss, terms = normalise(method.loss(model, teacher, b), normalizer)
-                accelerator.backward(loss)
+                distributed.backward(accelerator, model, loss, last=i == len(micro) - 1)
                 distributed.release(teacher)
                 loss_total += loss.detach()
                 for k, v in terms.items():
@@ -579,8 +591,15 @@ def train(
                 packed = torch.stack([loss_total, *(terms_total[k] for k in names)])
                 loss_total, *values = accelerator.reduce(packed, reduction="mean")
                 terms_total = dict(zip(names, values, strict=True))
-            # 3) refuse non-finite values before they touch the weights
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            # 3) refuse non-finite values before they touch the weights (DeepSpeed steps here,
+            # skipping the update itself where the gradient norm is not finite)
+            if engine_steps:
+                in_update = True
+                grad_norm = distributed.engine_step(model)
+                set_lr(state["step"] + 1)
+                in_update = False
+            else:
+                grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             loss_value = loss_total.item()  # host sync: once per step, needed for the NaN guard
             if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
                 raise NonFiniteLoss(
@@ -590,11 +609,12 @@ def train(
                     "train.precision=fp32, or check the data."
                 )
             # 4) update
-            in_update = True
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            in_update = False
+            if not engine_steps:
+                in_update = True
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                in_update = False
             state["step"] += 1
             step_start = None
             state["tokens"] += step_tokens
@@ -612,7 +632,7 @@ def train(
                     "step": step,
                     "loss": loss_value,
                     **{k: float(v) for k, v in terms_total.items()},
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm),
                     "tokens": state["tokens"],
                     "tokens_per_s": tokens_per_s,
