@@ -419,9 +419,10 @@ def engine_step(model: nn.Module) -> float:
 
 
 def check_student(accelerator: Accelerator, transformed: bool) -> None:
-    """Refuse what is not supported under FSDP2 and DeepSpeed yet: LoRA and QAT students."""
-    if (is_sharded(accelerator) or steps_in_engine(accelerator)) and transformed:
+    """Refuse what is not supported where the weights are sharded (FSDP2, ZeRO-3) yet: LoRA and
+    QAT students (they run in one process, under DDP and under ZeRO-1/2)."""
+    if is_sharded(accelerator) and transformed:
         raise RecipeError(
-            f"student.lora and student.qat run under DDP, not yet under {engine(accelerator)}: "
-            "launch with configs/accelerate/ddp.yaml"
+            f"student.lora and student.qat run under DDP and ZeRO-2, not yet under "
+            f"{engine(accelerator)}: launch with configs/accelerate/ddp.yaml or zero2.yaml"
         )
