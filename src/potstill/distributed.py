@@ -119,8 +119,9 @@ def _import_deepspeed() -> None:
         import deepspeed  # noqa: F401
     except ImportError as e:
         raise RecipeError(
-            "a DeepSpeed launch needs the deepspeed package: pip install 'potstill[deepspeed]' "
-            "(or launch configs/accelerate/fsdp2.yaml, which shards the same three things)"
+            "a DeepSpeed launch needs the deepspeed package: pip install --no-build-isolation "
+            "'potstill[deepspeed]' (or launch configs/accelerate/fsdp2.yaml, which shards the "
+            "same three things)"
         ) from e
     from deepspeed.utils import logger
 
