@@ -40,13 +40,14 @@ def test_report_adds_own_sample_reverse_kl_when_every_student_has_it():
         "eval": {"source": "s", "examples": 32, "tokens": 2944},
         "students": {
             "on": {"parameters": 49.6e6, "teacher_kl": 2.0, "top1_agreement": 0.4, "perplexity": 20.0,
-                   "own_reverse_kl": 0.512, "own_sample_tokens": 97.2},
+                   "own_reverse_kl": 0.512, "own_sample_tokens": 97.2, "own_distinct_2": 0.834},
             "off": {"parameters": 49.6e6, "teacher_kl": 1.9, "top1_agreement": 0.41, "perplexity": 18.0,
                     "own_reverse_kl": 0.9, "own_sample_tokens": 128.0},
         },
     }  # fmt: skip
     text = report_markdown(result)
     assert "reverse KL on own samples" in text
-    assert "| on | 49.6M | 2.000 | 40.0% | 20.00 | 0.512 | 97 |" in text
+    assert "| on | 49.6M | 2.000 | 40.0% | 20.00 | 0.512 | 97 | 0.83 |" in text
+    assert "| off | 49.6M | 1.900 | 41.0% | 18.00 | 0.900 | 128 | — |" in text  # not measured
     del result["students"]["off"]["own_reverse_kl"]
     assert "reverse KL on own samples" not in report_markdown(result)

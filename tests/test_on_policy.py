@@ -4,6 +4,7 @@ reverse-KL monitor, the vLLM sampler against a stand-in, and a few steps on the 
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -158,6 +159,8 @@ def test_teacher_never_trains_and_the_log_has_the_sampling_figures(tmp_path, set
     assert 0 < row["sequence_time_share"] < 1
     assert row["own_reverse_kl"] == pytest.approx(row["soft"], rel=1e-5)  # reverse KL at T=1
     assert result.eval["own_reverse_kl"] > 0 and 1 <= result.eval["own_sample_tokens"] <= 6
+    distinct, repeated = result.eval["own_distinct_2"], result.eval["own_repetition"]
+    assert 0 < distinct <= 1 and (math.isnan(repeated) or 0 <= repeated < 1)  # ≤ 6 tokens each
 
 
 def test_lambda_mixes_batches_and_seq_kd_lets_the_teacher_write(tmp_path, setup):

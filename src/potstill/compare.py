@@ -20,6 +20,7 @@ per byte of the held-out text, the teacher's on its own tokenisation of the same
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -183,13 +184,21 @@ def _result(r: Recipe, teacher, data, rows: dict[str, Any], **teacher_metric: fl
     }
 
 
+def _share(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.2f}"  # — : not measured (no samples)
+
+
 def report_markdown(result: dict[str, Any]) -> str:
     if "bits_per_byte" in result["teacher"]:
         return _report_bits_per_byte(result)
     e = result["eval"]
     own = all("own_reverse_kl" in m for m in result["students"].values())
     extra_head, extra_rule, teacher_extra = (
-        (" reverse KL on own samples ↓ | own sample tokens |", "---:|---:|", " 0 | |")
+        (
+            " reverse KL on own samples ↓ | own sample tokens | own distinct-2 ↑ |",
+            "---:|---:|---:|",
+            " 0 | | |",
+        )
         if own
         else ("", "", "")
     )
@@ -203,7 +212,12 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"| 0 | 100% | {_ppl(result['teacher']['perplexity'])} |" + teacher_extra,
     ]
     for name, m in result["students"].items():
-        extra = f" {m['own_reverse_kl']:.3f} | {m['own_sample_tokens']:.0f} |" if own else ""
+        extra = (
+            f" {m['own_reverse_kl']:.3f} | {m['own_sample_tokens']:.0f} "
+            f"| {_share(m.get('own_distinct_2', math.nan))} |"
+            if own
+            else ""
+        )
         lines.append(
             f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['teacher_kl']:.3f} "
             f"| {m['top1_agreement']:.1%} | {_ppl(m['perplexity'])} |" + extra

@@ -8,13 +8,16 @@ Metrics (over supervised positions of the held-out set, per token):
 * ``bits_per_byte`` — the student's cross-entropy in bits per UTF-8 byte of the text it predicts:
   comparable across tokenizers (given ``byte_lengths``, the bytes each vocabulary entry writes).
 And, with :func:`own_sample_metrics`, on completions the student samples for the held-out prompts:
-* ``own_reverse_kl`` — reverse KL(student ‖ teacher) at T=1 per sampled token, in nats.
+* ``own_reverse_kl`` — reverse KL(student ‖ teacher) at T=1 per sampled token, in nats;
+* ``own_distinct_2`` — :func:`distinct_n` of the samples' token pairs: near 0 for a student
+  collapsed into repeating a few tokens;
+* ``own_repetition`` — :func:`repetition` (4-grams): near 1 for the same collapse.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +110,26 @@ def evaluate(
 
 
 @torch.no_grad()
+def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(samples: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Distinct-n (Li et al., 2016, "A Diversity-Promoting Objective Function"): the number of
+    distinct n-grams over the number of n-grams, counted over all ``samples`` (token ids)
+    together. 1 when no n-gram recurs; 1/count when every one is the same; NaN without any."""
+    grams = [g for sample in samples for g in _ngrams(sample, n)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
+def repetition(samples: Sequence[Sequence[int]], n: int = 4) -> float:
+    """seq-rep-n (Welleck et al., 2019, "Neural Text Generation with Unlikelihood Training"): per
+    sample, the share of its n-grams that repeat an earlier one of the same sample
+    (1 − distinct / count), averaged over the samples long enough to hold one; NaN if none is."""
+    shares = [1 - len(set(g)) / len(g) for g in (_ngrams(s, n) for s in samples) if g]
+    return sum(shares) / len(shares) if shares else math.nan
+
+
 def own_sample_metrics(
     student: nn.Module,
     teacher: nn.Module,
@@ -125,11 +148,12 @@ def own_sample_metrics(
     The quantity on-policy distillation minimises (GKD, Agarwal et al. 2024): the held-out prompts
     of ``batches`` are completed by ``sample(prompts, batch_index)`` (the student, seeded by the
     caller so every evaluation draws alike), and both models score those very tokens, EOS
-    included. Also returns the mean sampled length.
+    included. Also returns the mean sampled length and the samples' diversity (distinct-2 over
+    all of them, repetition of 4-grams within each), where a collapsed student shows.
     """
     was_training = student.training
     student.eval()
-    total, tokens, samples = 0.0, 0, 0
+    total, tokens, drawn = 0.0, 0, []
     for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
         prompts = batch_prompts(batch, ignore_index)
         completions = sample(prompts, i)
@@ -141,10 +165,12 @@ def own_sample_metrics(
         t_logits = supervised_logits(teacher, own, mask, vocab_size, autocast_dtype)  # (N, V)
         total += divergence(s_logits, t_logits, "reverse_kl").sum().item()
         tokens += int(mask.sum())
-        samples += len(completions)
+        drawn.extend(completions)
     if was_training:
         student.train()
     return {
         "own_reverse_kl": total / max(tokens, 1),
-        "own_sample_tokens": tokens / max(samples, 1),
+        "own_sample_tokens": tokens / max(len(drawn), 1),
+        "own_distinct_2": distinct_n(drawn, 2),
+        "own_repetition": repetition(drawn, 4),
     }
