@@ -42,3 +42,48 @@ def test_both_are_shares_and_order_free(drawn):
     assert distinct_n(drawn[::-1], 2) == d and repetition(drawn[::-1], 4) == r
     # repeating the whole set never adds a distinct pair
     assert distinct_n(drawn * 2, 2) <= d
+
+
+def test_a_verdict_names_where_a_run_is_better_and_where_worse_with_the_figures():
+    from potstill.evaluate import verdict
+
+    kd = {"teacher_kl": 1.79, "top1_agreement": 0.412, "perplexity": 20.1, "own_distinct_2": 0.8}
+    ce = {"teacher_kl": 2.22, "top1_agreement": 0.38, "perplexity": 18.3}
+    assert verdict("the KD student", kd, "the CE baseline", ce) == (
+        "the KD student is better than the CE baseline on held-out teacher KL (1.790 vs 2.220) "
+        "and top-1 agreement (41.2% vs 38.0%) but worse on perplexity (20.10 vs 18.30)"
+    )  # distinct-2: only one side has it
+    assert verdict("the CE baseline", ce, "the KD student", kd).startswith(
+        "the CE baseline is better than the KD student on perplexity (18.30 vs 20.10) but worse "
+        "on held-out teacher KL (2.220 vs 1.790)"
+    )
+    same = verdict("a", {"teacher_kl": 1.0, "perplexity": 3.0}, "b", {"teacher_kl": 1.0004,
+                   "perplexity": 2.0})  # fmt: skip
+    assert (
+        same
+        == "a is worse than b on perplexity (3.00 vs 2.00) and level on held-out teacher KL (1.000 vs 1.000)"
+    )
+    assert verdict("a", {"perplexity": math.nan}, "b", {"perplexity": 2.0}) == (
+        "a and b share no held-out metric"
+    )
+
+
+def test_the_demo_report_says_the_computed_verdict():
+    from potstill.demo import DEMO_OVERRIDES, _report
+    from potstill.recipe import load_recipe
+
+    run = {"steps": 10, "tokens": 5000, "train_seconds": 60.0, "model_dir": "m"}
+    m = {
+        "teacher": {"parameters": 134.5e6, "perplexity": 3.6},
+        "student_init": {"parameters": 49.6e6, "teacher_kl": 6.0, "top1_agreement": 0.1,
+                         "perplexity": 900.0},
+        "eval_tokens": 2944, "data": {"train_examples": 100, "eval_examples": 32},
+        "kd": {**run, "teacher_kl": 1.79, "top1_agreement": 0.41, "perplexity": 20.1},
+        "ce": {**run, "teacher_kl": 2.22, "top1_agreement": 0.38, "perplexity": 18.3},
+        "total_seconds": 700.0,
+    }  # fmt: skip
+    text = _report(load_recipe(None, DEMO_OVERRIDES), m, "loss_curves.png")
+    assert (
+        "The KD student is better than the CE baseline on held-out teacher KL (1.790 vs 2.220) "
+        "and top-1 agreement (41.0% vs 38.0%) but worse on perplexity (20.10 vs 18.30)." in text
+    )

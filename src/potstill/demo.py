@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from potstill.evaluate import evaluate
+from potstill.evaluate import evaluate, verdict
 from potstill.methods import build_method
 from potstill.models import count_parameters
 from potstill.prepare import load_data, load_models
@@ -126,6 +126,7 @@ def run_demo(
         f"students: {metrics['kd']['model_dir']} (KD), {metrics['ce']['model_dir']} (CE baseline)"
     )
     print(_table(metrics))
+    print(verdict("The KD student", metrics["kd"], "the CE baseline", metrics["ce"]) + ".")
     return metrics
 
 
@@ -150,7 +151,6 @@ def _table(m: dict[str, Any]) -> str:
 
 def _report(r: Recipe, m: dict[str, Any], plot_name: str) -> str:
     kd, ce = m["kd"], m["ce"]
-    verdict = "beats" if kd["teacher_kl"] < ce["teacher_kl"] else "does NOT beat"
     return f"""# potstill demo: token-level distillation of SmolLM2-135M-Instruct
 
 Teacher `{r.teacher.model}` → student pruned to layers {r.student.keep_layers}.
@@ -162,8 +162,7 @@ budget: {kd["tokens"]:,} tokens in {kd["steps"]} steps (KD {kd["train_seconds"]:
 
 {_table(m)}
 
-The KD student {verdict} the CE baseline on held-out teacher KL
-({kd["teacher_kl"]:.4f} vs {ce["teacher_kl"]:.4f} nats/token).
+{verdict("The KD student", kd, "the CE baseline", ce)}.
 
 ![loss curves]({plot_name})
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -174,3 +175,61 @@ def own_sample_metrics(
         "own_distinct_2": distinct_n(drawn, 2),
         "own_repetition": repetition(drawn, 4),
     }
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class Direction:
+    """How a held-out metric reads: its words, which way is better, how a value prints."""
+
+    words: str
+    lower_is_better: bool
+    fmt: str
+
+
+# the metrics a verdict weighs, in the order it names them
+DIRECTIONS = {
+    "teacher_kl": Direction("held-out teacher KL", True, "{:.3f}"),
+    "top1_agreement": Direction("top-1 agreement", False, "{:.1%}"),
+    "perplexity": Direction("perplexity", True, "{:.2f}"),
+    "bits_per_byte": Direction("bits per byte", True, "{:.3f}"),
+    "own_reverse_kl": Direction("reverse KL on its own samples", True, "{:.3f}"),
+    "own_distinct_2": Direction("distinct-2 of its own samples", False, "{:.2f}"),
+}
+
+
+def verdict(name: str, run: dict[str, float], other_name: str, other: dict[str, float]) -> str:
+    """One computed sentence comparing two runs' held-out metrics (those both have, finite):
+    where ``name`` is better, where worse, with the figures, e.g. "the KD student is better than
+    the CE baseline on held-out teacher KL (1.790 vs 2.220) but worse on perplexity (20.10 vs
+    18.30)". Equal values are named as ties."""
+    better, worse, tied = [], [], []
+    for key, d in DIRECTIONS.items():
+        a, b = run.get(key), other.get(key)
+        if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+            continue
+        said = f"{d.words} ({d.fmt.format(a)} vs {d.fmt.format(b)})"
+        if d.fmt.format(a) == d.fmt.format(b):
+            tied.append(said)
+        elif (a < b) == d.lower_is_better:
+            better.append(said)
+        else:
+            worse.append(said)
+    if not (better or worse or tied):
+        return f"{name} and {other_name} share no held-out metric"
+    parts = []
+    if better:
+        parts.append(f"better than {other_name} on {_listed(better)}")
+    if worse:
+        parts.append(("but " if better else "") + f"worse on {_listed(worse)}")
+    if tied:
+        parts.append(("and " if parts else "") + f"level on {_listed(tied)}")
+    if not better and worse:
+        parts[0] = parts[0].replace("worse on", f"worse than {other_name} on", 1)
+    return f"{name} is " + " ".join(parts)
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
