@@ -32,6 +32,13 @@ def test_report_has_a_row_per_student_and_the_teacher():
     assert "| token-level | 49.6M | 1.795 | 40.7% | 17.15 |" in text
     assert "| sequence-level |" in text and "| teacher (t) | 134.5M | 0 | 100% | 3.57 |" in text
     assert "48 examples, 4,404 supervised tokens" in text
+    # a computed verdict for each student after the first, against the first
+    assert (
+        "- sequence-level is worse than token-level on held-out teacher KL (2.500 vs 1.795), "
+        "top-1 agreement (35.0% vs 40.7%) and perplexity (20.00 vs 17.15)." in text
+    )
+    del result["students"]["sequence-level"]
+    assert "- " not in report_markdown(result)  # one student: nothing to compare
 
 
 def test_report_adds_own_sample_reverse_kl_when_every_student_has_it():

@@ -436,6 +436,8 @@ def test_the_report_compares_bits_per_byte_across_tokenizers():
     text = report_markdown(result)
     assert "bits per byte" in text and "teacher KL" not in text
     assert "| spans | 50.0M | 2.400 | 250.00 |" in text and "| 1.800 | — |" in text
+    # students of different tokenizers are weighed on bits per byte alone
+    assert "- spans is better than ce on bits per byte (2.400 vs 2.500)." in text
 
 
 def test_chat_records_use_each_tokenizers_own_template(smollm2_tokenizer):

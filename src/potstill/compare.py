@@ -26,7 +26,7 @@ from typing import Any
 
 from potstill.data import batch_prompts
 from potstill.errors import RecipeError
-from potstill.evaluate import evaluate, token_byte_lengths
+from potstill.evaluate import evaluate, token_byte_lengths, verdict
 from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import Recipe
@@ -165,7 +165,17 @@ def _report_bits_per_byte(result: dict[str, Any]) -> str:
             f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['bits_per_byte']:.3f} "
             f"| {_ppl(m['perplexity'])} |"
         )
+    # students of other tokenizers: only bits per byte compares them
+    lines += _verdicts(result["students"], keys=("bits_per_byte",))
     return "\n".join(lines) + "\n"
+
+
+def _verdicts(students: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
+    """A computed verdict for each student after the first, against the first."""
+    (first, base), *rest = students.items()
+    pick = (lambda m: {k: m[k] for k in keys if k in m}) if keys else (lambda m: m)
+    said = [f"- {verdict(name, pick(m), first, pick(base))}." for name, m in rest]
+    return ["", *said] if said else []
 
 
 def _result(r: Recipe, teacher, data, rows: dict[str, Any], **teacher_metric: float) -> dict:
@@ -222,6 +232,7 @@ def report_markdown(result: dict[str, Any]) -> str:
             f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['teacher_kl']:.3f} "
             f"| {m['top1_agreement']:.1%} | {_ppl(m['perplexity'])} |" + extra
         )
+    lines += _verdicts(result["students"])
     if all("spec_speedup" in m for m in result["students"].values()):
         lines += ["", *_speculative_table(result["students"])]
     return "\n".join(lines) + "\n"
