@@ -172,9 +172,7 @@ def runs(table, tmp_path_factory):
         jobs = [[*argv[m], f"train.output_dir={folders[engine][m]}"] for m in runs_here]
         if engine in RESUMED:
             folders["whole"][engine] = out / engine / "whole"
-            jobs.append(
-                ["train", str(recipes["token_level"]), *resume_steps(out / engine / "whole")]
-            )
+            jobs.append([*argv["token_level"], *resume_steps(folders["whole"][engine])])
         launches[engine] = launch(engine, jobs, out)
     for run in names:  # meanwhile
         one = [*argv[run], "train.grad_accum=2", f"train.output_dir={folders['one'][run]}"]

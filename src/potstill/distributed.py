@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -139,8 +138,7 @@ def configure_deepspeed(
     clipping in DeepSpeed's config (its ``auto`` values are filled from a data loader potstill
     does not hand it), and the whole weights gathered for saving under ZeRO-3. A config that turns
     on DeepSpeed's fp16/bf16 is refused: potstill casts by ``train.precision`` itself."""
-    stage = deepspeed_stage(accelerator)
-    if stage is None:
+    if not steps_in_engine(accelerator):
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     for precision in ("fp16", "bf16"):
@@ -185,9 +183,7 @@ def engine(accelerator: Accelerator) -> str:
 
 def is_sharded(accelerator: Accelerator) -> bool:
     """Whether the run's engine shards the model's weights (FSDP2, ZeRO-3)."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP or deepspeed_stage(accelerator) == 3
+    return _is_fsdp_run(accelerator) or deepspeed_stage(accelerator) == 3
 
 
 def _is_fsdp_run(accelerator: Accelerator) -> bool:
@@ -293,10 +289,6 @@ def _persist_heads(offload: Any, model: nn.Module) -> None:
     heads[0].all_gather(param_list=heads)
 
 
-# the DeepSpeed engines holding sharded teachers (their hooks act on the teacher module itself)
-_TEACHER_ENGINES: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
-
-
 def shard_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
     """Shard the frozen teacher like the student, so each process holds 1/N of it: under FSDP2
     one unit per decoder layer, then the root; under ZeRO-3 a DeepSpeed engine without an
@@ -322,7 +314,9 @@ def shard_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
             },
         )
         _persist_heads(_zero3(engine), teacher)
-        _TEACHER_ENGINES[teacher] = engine
+        # the engine lives as long as the teacher (its hooks act on the teacher module; the
+        # engine removes them when collected); outside nn.Module's registry of submodules
+        object.__setattr__(teacher, "_potstill_deepspeed_engine", engine)
         return teacher
     from torch.distributed.fsdp import fully_shard
 
@@ -389,8 +383,8 @@ def whole(model: nn.Module) -> Iterator[nn.Module]:
 
 def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's whole weights for saving: None where the model is whole on every process (one
-    process, DDP: save it as it is); under FSDP2 every process must call this (it gathers), and
-    the main process gets the weights."""
+    process, DDP, ZeRO-1/2: save it as it is); under FSDP2 and ZeRO-3 every process must call
+    this (it gathers), and the main process gets the weights."""
     return accelerator.get_state_dict(model) if is_sharded(accelerator) else None
 
 
@@ -398,7 +392,7 @@ def backward(accelerator: Accelerator, model: nn.Module, loss: Tensor, *, last: 
     """Backward of one micro-batch's loss (already normalised once for the whole step). Under
     DeepSpeed its engine runs it, told whether this is the step's last micro-batch and not to
     divide the loss by its accumulation count again; :func:`engine_step` then takes the step."""
-    if deepspeed_stage(accelerator) is None:
+    if not steps_in_engine(accelerator):
         accelerator.backward(loss)
         return
     model.set_gradient_accumulation_boundary(last)
@@ -412,8 +406,8 @@ def steps_in_engine(accelerator: Accelerator) -> bool:
 
 def engine_step(model: nn.Module) -> float:
     """DeepSpeed's step after the last micro-batch: it clips to ``gradient_clipping``, skips the
-    update when the gradient norm is not finite, else steps AdamW and the lr schedule. Returns the
-    gradient norm before clipping (inf where the step was skipped)."""
+    update when the gradient norm is not finite, else steps AdamW (the loop sets the lr). Returns
+    the gradient norm before clipping (inf where the step was skipped)."""
     model.step()
     norm = model.get_global_grad_norm()
     return float("nan") if norm is None else float(norm)

@@ -110,7 +110,6 @@ def evaluate(
     return out
 
 
-@torch.no_grad()
 def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
@@ -131,6 +130,7 @@ def repetition(samples: Sequence[Sequence[int]], n: int = 4) -> float:
     return sum(shares) / len(shares) if shares else math.nan
 
 
+@torch.no_grad()
 def own_sample_metrics(
     student: nn.Module,
     teacher: nn.Module,
