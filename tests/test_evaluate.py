@@ -45,7 +45,7 @@ def test_both_are_shares_and_order_free(drawn):
 
 
 def test_a_verdict_names_where_a_run_is_better_and_where_worse_with_the_figures():
-    from potstill.evaluate import verdict
+    from potstill.metrics import verdict
 
     kd = {"teacher_kl": 1.79, "top1_agreement": 0.412, "perplexity": 20.1, "own_distinct_2": 0.8}
     ce = {"teacher_kl": 2.22, "top1_agreement": 0.38, "perplexity": 18.3}
@@ -68,22 +68,12 @@ def test_a_verdict_names_where_a_run_is_better_and_where_worse_with_the_figures(
     )
 
 
-def test_the_demo_report_says_the_computed_verdict():
-    from potstill.demo import DEMO_OVERRIDES, _report
-    from potstill.recipe import load_recipe
+def test_a_verdict_names_more_than_two_ties_without_figures():
+    from potstill.metrics import verdict
 
-    run = {"steps": 10, "tokens": 5000, "train_seconds": 60.0, "model_dir": "m"}
-    m = {
-        "teacher": {"parameters": 134.5e6, "perplexity": 3.6},
-        "student_init": {"parameters": 49.6e6, "teacher_kl": 6.0, "top1_agreement": 0.1,
-                         "perplexity": 900.0},
-        "eval_tokens": 2944, "data": {"train_examples": 100, "eval_examples": 32},
-        "kd": {**run, "teacher_kl": 1.79, "top1_agreement": 0.41, "perplexity": 20.1},
-        "ce": {**run, "teacher_kl": 2.22, "top1_agreement": 0.38, "perplexity": 18.3},
-        "total_seconds": 700.0,
-    }  # fmt: skip
-    text = _report(load_recipe(None, DEMO_OVERRIDES), m, "loss_curves.png")
-    assert (
-        "The KD student is better than the CE baseline on held-out teacher KL (1.790 vs 2.220) "
-        "and top-1 agreement (41.0% vs 38.0%) but worse on perplexity (20.10 vs 18.30)." in text
+    a = {"teacher_kl": 1.0, "top1_agreement": 0.5, "perplexity": 3.0, "bits_per_byte": 1.0}
+    b = {"teacher_kl": 2.0, "top1_agreement": 0.5, "perplexity": 3.0, "bits_per_byte": 1.0}
+    assert verdict("a", a, "b", b) == (
+        "a is better than b on held-out teacher KL (1.000 vs 2.000) and level on top-1 "
+        "agreement, perplexity and bits per byte"
     )

@@ -1,5 +1,5 @@
 """potstill's command line: ``train``, ``check``, ``evaluate``, ``generate``, ``cache``,
-``serve``, ``export``, ``demo`` and ``keys``."""
+``serve``, ``export``, ``report``, ``plan``, ``demo`` and ``keys``."""
 
 from __future__ import annotations
 
@@ -117,6 +117,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from potstill.metrics import Settings
+    from potstill.report import build_report, print_summary
+
+    settings = Settings(
+        generation=args.generation,
+        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        speed=args.speed,
+        speculative=args.speculative,
+    )
+    print_summary(build_report(args.runs, args.output, settings))
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from potstill.data import load_records, record_format
     from potstill.prepare import preflight
@@ -208,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
               potstill train recipes/token_level_forward_kl.yaml train.max_steps=2
               potstill generate recipes/sequence_level.yaml   # teacher completions, then train
               potstill cache recipes/token_level_cached.yaml  # teacher top-k on disk, then train
+              potstill report runs/demo/kd runs/demo/ce      # the report card of finished runs
               potstill plan recipes/token_level_forward_kl.yaml --gpus 8 --gpu-memory 80
               potstill serve bundled:smollm2-135m-instruct    # an OpenAI-compatible teacher
               potstill keys                                   # every recipe key with its meaning
@@ -262,6 +278,50 @@ def build_parser() -> argparse.ArgumentParser:
         "whether greedy outputs are identical)",
     )
     p.set_defaults(fn=cmd_evaluate)
+    p = sub.add_parser(
+        "report",
+        help="the report card of finished runs: one HTML page (+ Markdown, JSON)",
+        description=(
+            "Measure finished runs on the first run's held-out set beside the teacher and the "
+            "student before training: teacher KL both ways, top-1 agreement, perplexity, bits "
+            "per byte, task accuracy from greedy and sampled answers (records with an answer), "
+            "sample diversity, size, decoding speed, training cost; loss curves, held-out "
+            "metrics over training, verdicts, the environment and every recipe."
+        ),
+    )
+    p.add_argument(
+        "runs", nargs="+", metavar="[NAME=]RUN_DIR", help="train.output_dir of finished runs"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="the HTML page; .md, .json and a _files/ folder beside it "
+        "(default: report.html in the runs' common folder)",
+    )
+    p.add_argument(
+        "--generation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="complete held-out prompts greedy and at T=1: task accuracy, sample diversity, "
+        "reverse KL on own samples (default: on)",
+    )
+    p.add_argument(
+        "--prompts", type=int, default=48, help="held-out prompts completed (default: 48)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per completion (default: 256)")
+    p.add_argument(
+        "--speed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure greedy decoding tokens/s, batch 1 and batched (default: on)",
+    )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="also measure every model as a speculative-decoding draft for the teacher "
+        "(draft runs always are)",
+    )
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser(
         "generate",
         help="write teacher completions for sequence-level / CoT distillation (resumable)",

@@ -20,13 +20,12 @@ per byte of the held-out text, the teacher's on its own tokenisation of the same
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from potstill.data import batch_prompts
 from potstill.errors import RecipeError
-from potstill.evaluate import evaluate, token_byte_lengths, verdict
+from potstill.evaluate import evaluate, token_byte_lengths
+from potstill.metrics import QUALITY, Context, Settings, markdown_table, measure_draft, verdict
 from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import Recipe
@@ -104,24 +103,25 @@ def compare_students(
 
 
 def _as_draft(r: Recipe, student, teacher, batches, tokenizer, vocab_size) -> dict:
-    """The student as a speculative-decoding draft for the teacher: the expected acceptance
-    and tokens per target pass, teacher-forced on the held-out set (method draft's held-out
-    metrics), then real decoding of ``draft.eval_prompts`` held-out prompts
-    (:func:`potstill.speculative.measure`), prefixed ``spec_``."""
-    from potstill.methods.draft import Draft
-    from potstill.methods.token_level import TokenLevel
-    from potstill.speculative import measure
-
+    """The student as a draft for the teacher (:func:`potstill.metrics.measure_draft`), with the
+    recipe's ``draft`` settings."""
     d = r.draft
-    expected = Draft(TokenLevel(vocab_size=vocab_size), gamma=d.gamma).evaluate(
-        student, teacher, batches, tokenizer
+    settings = Settings(
+        gamma=d.gamma,
+        draft_prompts=d.eval_prompts,
+        draft_new_tokens=d.eval_new_tokens,
+        seed=r.train.seed,
     )
-    prompts = [prompt for batch in batches for prompt in batch_prompts(batch)]
-    measured = measure(
-        teacher, student, prompts[: d.eval_prompts], gamma=d.gamma,
-        max_new_tokens=d.eval_new_tokens, seed=r.train.seed, pad_token_id=pad_token_id(tokenizer),
-    )  # fmt: skip
-    return {**expected, "spec_gamma": d.gamma, **{f"spec_{k}": v for k, v in measured.items()}}
+    return measure_draft(
+        Context(
+            model=student,
+            tokenizer=tokenizer,
+            settings=settings,
+            batches=batches,
+            teacher=teacher,
+            vocab_size=vocab_size,
+        )
+    )
 
 
 def _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenizer):
@@ -150,26 +150,6 @@ def _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenize
     return _result(r, teacher, data, rows, bits_per_byte=teacher_bpb)
 
 
-def _report_bits_per_byte(result: dict[str, Any]) -> str:
-    e, t = result["eval"], result["teacher"]
-    lines = [
-        f"Held-out: {e['examples']} examples, {e['tokens']:,} student tokens from {e['source']}; "
-        "the teacher reads the same text with its own tokenizer.",
-        "",
-        "| model | parameters | bits per byte ↓ | perplexity (student tokens) ↓ |",
-        "|---|---:|---:|---:|",
-        f"| teacher ({t['model']}) | {t['parameters'] / 1e6:.1f}M | {t['bits_per_byte']:.3f} | — |",
-    ]
-    for name, m in result["students"].items():
-        lines.append(
-            f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['bits_per_byte']:.3f} "
-            f"| {_ppl(m['perplexity'])} |"
-        )
-    # students of other tokenizers: only bits per byte compares them
-    lines += _verdicts(result["students"], keys=("bits_per_byte",))
-    return "\n".join(lines) + "\n"
-
-
 def _verdicts(students: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
     """A computed verdict for each student after the first, against the first."""
     (first, base), *rest = students.items()
@@ -194,45 +174,27 @@ def _result(r: Recipe, teacher, data, rows: dict[str, Any], **teacher_metric: fl
     }
 
 
-def _share(value: float) -> str:
-    return "—" if math.isnan(value) else f"{value:.2f}"  # — : not measured (no samples)
-
-
 def report_markdown(result: dict[str, Any]) -> str:
-    if "bits_per_byte" in result["teacher"]:
-        return _report_bits_per_byte(result)
-    e = result["eval"]
-    own = all("own_reverse_kl" in m for m in result["students"].values())
-    extra_head, extra_rule, teacher_extra = (
-        (
-            " reverse KL on own samples ↓ | own sample tokens | own distinct-2 ↑ |",
-            "---:|---:|---:|",
-            " 0 | | |",
+    """The teacher and every student in one table of the registry's quality metrics (those any
+    of them has), a verdict for each student after the first, and the drafts' table."""
+    e, t = result["eval"], result["teacher"]
+    across = "bits_per_byte" in t  # students of another tokenizer: only bits per byte compares
+    nil = {"teacher_kl": 0.0, "teacher_reverse_kl": 0.0, "top1_agreement": 1.0}  # by definition
+    shown = {k: v for k, v in nil.items() if any(k in m for m in result["students"].values())}
+    teacher = t if across else {**shown, **t}
+    rows = {f"teacher ({t['model']})": teacher, **result["students"]}
+    if across:
+        intro = (
+            f"Held-out: {e['examples']} examples, {e['tokens']:,} student tokens from "
+            f"{e['source']}; the teacher reads the same text with its own tokenizer (perplexity "
+            "is per student token)."
         )
-        if own
-        else ("", "", "")
-    )
-    lines = [
-        f"Held-out: {e['examples']} examples, {e['tokens']:,} supervised tokens from {e['source']}.",
-        "",
-        "| model | parameters | teacher KL (nats/token) ↓ | top-1 agreement ↑ | perplexity ↓ |"
-        + extra_head,
-        "|---|---:|---:|---:|---:|" + extra_rule,
-        f"| teacher ({result['teacher']['model']}) | {result['teacher']['parameters'] / 1e6:.1f}M "
-        f"| 0 | 100% | {_ppl(result['teacher']['perplexity'])} |" + teacher_extra,
-    ]
-    for name, m in result["students"].items():
-        extra = (
-            f" {m['own_reverse_kl']:.3f} | {m['own_sample_tokens']:.0f} "
-            f"| {_share(m.get('own_distinct_2', math.nan))} |"
-            if own
-            else ""
-        )
-        lines.append(
-            f"| {name} | {m['parameters'] / 1e6:.1f}M | {m['teacher_kl']:.3f} "
-            f"| {m['top1_agreement']:.1%} | {_ppl(m['perplexity'])} |" + extra
-        )
-    lines += _verdicts(result["students"])
+        keys: tuple[str, ...] = ("parameters", "bits_per_byte", "perplexity")
+    else:
+        intro = f"Held-out: {e['examples']} examples, {e['tokens']:,} supervised tokens from {e['source']}."
+        keys = ("parameters", *QUALITY)
+    lines = [intro, "", *markdown_table(rows, keys)]
+    lines += _verdicts(result["students"], keys=("bits_per_byte",) if across else None)
     if all("spec_speedup" in m for m in result["students"].values()):
         lines += ["", *_speculative_table(result["students"])]
     return "\n".join(lines) + "\n"
@@ -268,11 +230,6 @@ def _speculative_table(rows: dict[str, Any]) -> list[str]:
         "lossless decoder are identical; a difference is a near-tie that batched and single-token "
         "passes round differently.",
     ]
-
-
-def _ppl(value: float) -> str:
-    """Perplexity for a table: two decimals, or scientific once a student has collapsed."""
-    return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"
 
 
 def run_compare(

@@ -1,10 +1,11 @@
 """``potstill demo``: the whole story of token-level KD on the bundled models, measured.
 
 1) teacher SmolLM2-135M-Instruct; student = 6 of its 30 layers (~50M parameters);
-2) held-out metrics of the pruned student before training;
-3) forward-KL token-level KD for a fixed token budget;
-4) a plain cross-entropy baseline from the same initialisation, same data, same budget;
-5) ``report.md`` (table + loss curves PNG), ``metrics.json``, both students as HF model dirs.
+2) forward-KL token-level KD for a fixed token budget;
+3) a plain cross-entropy baseline from the same initialisation, same data, same budget;
+4) the report card (:mod:`potstill.report`): ``report.html`` and ``report.md`` with the teacher,
+   the pruned student and both trained students on the held-out set, their own answers scored,
+   loss curves and verdicts; ``metrics.json``; both students as HF model dirs.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from potstill.evaluate import evaluate, verdict
 from potstill.methods import build_method
-from potstill.models import count_parameters
+from potstill.metrics import Settings
 from potstill.prepare import load_data, load_models
-from potstill.recipe import Recipe, load_recipe
-from potstill.train import TrainResult, autocast_dtype, fixed_batches, pad_token_id, train
-from potstill.utils import atomic_write, precision_note
+from potstill.recipe import load_recipe
+from potstill.report import build_report, print_summary
+from potstill.train import TrainResult, train
+from potstill.utils import atomic_write
 
 # The demo's recipe; `potstill demo key=value ...` overrides any of it.
 DEMO_OVERRIDES = [
@@ -45,6 +46,11 @@ DEMO_OVERRIDES = [
 ]
 
 
+# What the demo's report card measures: 16 held-out problems completed greedy and sampled keeps
+# the whole demo near its time budget on a 2-core CPU.
+DEMO_REPORT = Settings(prompts=16, max_new_tokens=256)
+
+
 def run_demo(
     out: str | Path = "runs/demo", overrides: list[str] | tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -59,19 +65,6 @@ def run_demo(
     teacher, tokenizer = models.teacher, models.tokenizer
     init_student = copy.deepcopy(models.student)  # the CE baseline starts from the same weights
     data = load_data(kd, tokenizer)
-    eval_batches = fixed_batches(
-        data.eval, batch_size=kd.train.batch_size, pad_id=pad_token_id(tokenizer)
-    )
-
-    print("measuring the pruned student before training …")
-    before = evaluate(
-        init_student,
-        eval_batches,
-        teacher=teacher,
-        vocab_size=models.vocab_size,
-        autocast_dtype=autocast_dtype(kd.train.precision),
-        progress=True,
-    )
     results: dict[str, TrainResult] = {}
     for recipe, student in ((kd, models.student), (ce, init_student)):
         print(f"\n== {recipe.method}: {recipe.train.output_dir}")
@@ -86,27 +79,28 @@ def run_demo(
             eval_teacher=teacher,
             vocab_size=models.vocab_size,
         )
+    del models, init_student
 
+    print("\n== the report card: every model on the held-out set, then its own answers")
+    report = build_report(
+        [f"KD={out / 'kd'}", f"CE baseline={out / 'ce'}"],
+        out / "report.html",
+        DEMO_REPORT,
+        teacher=teacher,
+    )
+    rows = report["rows"]
     metrics = {
-        "teacher": {
-            "model": kd.teacher.model,
-            "parameters": count_parameters(teacher),
-            "perplexity": before["teacher_perplexity"],
-        },
-        "student_init": {
-            "parameters": count_parameters(init_student),
-            "keep_layers": kd.student.keep_layers,
-            **before,
-        },
+        "teacher": {"model": kd.teacher.model, **rows["teacher"]},
+        "student_init": {"keep_layers": kd.student.keep_layers, **rows["before training"]},
         "budget_tokens": kd.train.max_tokens,
-        "eval_tokens": int(before["eval_tokens"]),
+        "eval_tokens": report["eval"]["tokens"],
         "data": {
             "train": kd.data.train,
             "train_examples": len(data.train),
             "eval_examples": len(data.eval),
         },
     }
-    for name, label in (("token_level", "kd"), ("sft", "ce")):
+    for name, label, row in (("token_level", "kd", "KD"), ("sft", "ce", "CE baseline")):
         r = results[name]
         metrics[label] = {
             "method": name,
@@ -115,90 +109,14 @@ def run_demo(
             "train_seconds": r.seconds,
             "tokens_per_s": r.tokens / max(r.seconds, 1e-9),
             "model_dir": str(r.model_dir),
-            **(r.eval or {}),
+            **rows[row],
         }
     metrics["total_seconds"] = time.perf_counter() - started
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
-    plot = _plot(results, before, out / "loss_curves.png")
-    atomic_write(out / "report.md", _report(kd, metrics, plot.name))
-    print(f"\nreport: {out / 'report.md'}\nmetrics: {out / 'metrics.json'}")
+    print(f"\nreport card: {out / 'report.html'} (and report.md); numbers: {out / 'metrics.json'}")
     print(
         f"students: {metrics['kd']['model_dir']} (KD), {metrics['ce']['model_dir']} (CE baseline)"
     )
-    print(_table(metrics))
-    print(verdict("The KD student", metrics["kd"], "the CE baseline", metrics["ce"]) + ".")
+    print_summary(report)
+    print(f"total wall time {metrics['total_seconds']:.0f} s")
     return metrics
-
-
-def _table(m: dict[str, Any]) -> str:
-    rows = [
-        ("teacher (SmolLM2-135M-Instruct)", m["teacher"]["parameters"], 0.0, 1.0, m["teacher"]["perplexity"]),
-        ("student before training (pruned)", m["student_init"]["parameters"], m["student_init"]["teacher_kl"],
-         m["student_init"]["top1_agreement"], m["student_init"]["perplexity"]),
-        ("student after KD (forward KL)", m["student_init"]["parameters"], m["kd"]["teacher_kl"],
-         m["kd"]["top1_agreement"], m["kd"]["perplexity"]),
-        ("student after CE baseline", m["student_init"]["parameters"], m["ce"]["teacher_kl"],
-         m["ce"]["top1_agreement"], m["ce"]["perplexity"]),
-    ]  # fmt: skip
-    lines = [
-        "| model | parameters | teacher KL (nats/token) ↓ | top-1 agreement ↑ | perplexity ↓ |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, params, kl, top1, ppl in rows:
-        lines.append(f"| {name} | {params / 1e6:.1f}M | {kl:.4f} | {top1:.1%} | {ppl:.2f} |")
-    return "\n".join(lines)
-
-
-def _report(r: Recipe, m: dict[str, Any], plot_name: str) -> str:
-    kd, ce = m["kd"], m["ce"]
-    return f"""# potstill demo: token-level distillation of SmolLM2-135M-Instruct
-
-Teacher `{r.teacher.model}` → student pruned to layers {r.student.keep_layers}.
-Training data `{r.data.train}` ({m["data"]["train_examples"]:,} examples, loss on assistant tokens
-only, max {r.data.max_length} tokens); held-out: {m["data"]["eval_examples"]} unseen problems
-({m["eval_tokens"]:,} supervised tokens). Both students get the same initialisation, data order and
-budget: {kd["tokens"]:,} tokens in {kd["steps"]} steps (KD {kd["train_seconds"]:.0f} s, CE
-{ce["train_seconds"]:.0f} s of training, {precision_note(r.train.precision)}).
-
-{_table(m)}
-
-{verdict("The KD student", kd, "the CE baseline", ce)}.
-
-![loss curves]({plot_name})
-
-Models: `{kd["model_dir"]}` (KD), `{ce["model_dir"]}` (CE baseline). Numbers: `metrics.json`.
-Total wall time {m["total_seconds"]:.0f} s.
-"""
-
-
-def _plot(results: dict[str, TrainResult], before: dict[str, float], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
-    names = {"token_level": "KD (forward KL)", "sft": "CE baseline"}
-    for method, result in results.items():
-        train_rows = [h for h in result.history if "loss" in h]
-        eval_rows = [h for h in result.history if "eval/teacher_kl" in h]
-        ax_loss.plot(
-            [h["tokens"] for h in train_rows], [h["loss"] for h in train_rows], label=names[method]
-        )
-        xs = [0] + [h["tokens"] for h in eval_rows]
-        ys = [before["teacher_kl"]] + [h["eval/teacher_kl"] for h in eval_rows]
-        ax_kl.plot(xs, ys, marker="o", label=names[method])
-    ax_loss.set(
-        title="training loss (KD: KL to teacher; CE: cross-entropy)",
-        xlabel="tokens",
-        ylabel="nats/token",
-    )
-    ax_kl.set(title="held-out KL(teacher ‖ student)", xlabel="tokens", ylabel="nats/token")
-    for ax in (ax_loss, ax_kl):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

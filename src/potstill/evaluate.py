@@ -2,12 +2,14 @@
 
 Metrics (over supervised positions of the held-out set, per token):
 * ``teacher_kl``   — forward KL(teacher ‖ student) at T=1, in nats;
+* ``teacher_reverse_kl`` — reverse KL(student ‖ teacher) at T=1, in nats;
 * ``top1_agreement`` — share of positions where the student's argmax equals the teacher's;
 * ``perplexity``   — exp(mean student cross-entropy on the data's labels);
 * ``teacher_perplexity`` — the same for the teacher, as the reference point;
 * ``bits_per_byte`` — the student's cross-entropy in bits per UTF-8 byte of the text it predicts:
   comparable across tokenizers (given ``byte_lengths``, the bytes each vocabulary entry writes).
-And, with :func:`own_sample_metrics`, on completions the student samples for the held-out prompts:
+And, with :func:`own_sample_metrics` or :func:`score_own_samples`, on completions the student
+samples for the held-out prompts:
 * ``own_reverse_kl`` — reverse KL(student ‖ teacher) at T=1 per sampled token, in nats;
 * ``own_distinct_2`` — :func:`distinct_n` of the samples' token pairs: near 0 for a student
   collapsed into repeating a few tokens;
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +74,9 @@ def evaluate(
     """Average the metrics above over ``batches`` (collated, on the right device)."""
     was_training = student.training
     student.eval()
-    sums = {"teacher_kl": 0.0, "top1_agreement": 0.0, "student_nll": 0.0, "teacher_nll": 0.0}
+    sums = dict.fromkeys(
+        ("teacher_kl", "teacher_reverse_kl", "top1_agreement", "student_nll", "teacher_nll"), 0.0
+    )
     tokens, nbytes = 0, 0.0
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         labels = batch["labels"]  # (B, T)
@@ -89,6 +92,7 @@ def evaluate(
         sums["student_nll"] += cross_entropy(s_logits, y).sum().item()
         if t_logits is not None:
             sums["teacher_kl"] += divergence(s_logits, t_logits, "forward_kl").sum().item()
+            sums["teacher_reverse_kl"] += divergence(s_logits, t_logits, "reverse_kl").sum().item()
             sums["top1_agreement"] += (s_logits.argmax(-1) == t_logits.argmax(-1)).sum().item()
             sums["teacher_nll"] += cross_entropy(t_logits, y).sum().item()
     if was_training:
@@ -104,6 +108,7 @@ def evaluate(
     if teacher is not None:
         out.update(
             teacher_kl=sums["teacher_kl"] / n,
+            teacher_reverse_kl=sums["teacher_reverse_kl"] / n,
             top1_agreement=sums["top1_agreement"] / n,
             teacher_perplexity=math.exp(sums["teacher_nll"] / n),
         )
@@ -148,88 +153,71 @@ def own_sample_metrics(
 
     The quantity on-policy distillation minimises (GKD, Agarwal et al. 2024): the held-out prompts
     of ``batches`` are completed by ``sample(prompts, batch_index)`` (the student, seeded by the
-    caller so every evaluation draws alike), and both models score those very tokens, EOS
-    included. Also returns the mean sampled length and the samples' diversity (distinct-2 over
-    all of them, repetition of 4-grams within each), where a collapsed student shows.
+    caller so every evaluation draws alike), and :func:`score_own_samples` measures them.
     """
+    batches = list(batches)
     was_training = student.training
     student.eval()
-    total, tokens, drawn = 0.0, 0, []
+    prompts, completions = [], []
     for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        prompts = batch_prompts(batch, ignore_index)
-        completions = sample(prompts, i)
+        asked = batch_prompts(batch, ignore_index)
+        prompts.extend(asked)
+        completions.extend(sample(asked, i))
+    out = score_own_samples(
+        student,
+        teacher,
+        prompts,
+        completions,
+        pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
+        autocast_dtype=autocast_dtype,
+        batch_size=max((len(b["input_ids"]) for b in batches), default=1),
+        device=batches[0]["input_ids"].device if batches else None,
+    )
+    if was_training:
+        student.train()
+    return out
+
+
+@torch.no_grad()
+def score_own_samples(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    vocab_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """What a student's own samples (token ids, EOS included, one per prompt) say of it: the
+    reverse KL to the ``teacher`` per sampled token (both models score those very tokens; left
+    out without a teacher), the mean sampled length, and their diversity: distinct-2 over all of
+    them and the repetition of 4-grams within each, where a collapsed student shows."""
+    was_training = student.training
+    student.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(prompts) if teacher is not None else 0, batch_size):
         own = completion_batch(
-            prompts, completions, pad_token_id=pad_token_id, device=batch["input_ids"].device
+            prompts[start : start + batch_size],
+            completions[start : start + batch_size],
+            pad_token_id=pad_token_id,
+            device=device,
         )
-        mask = own["labels"] != ignore_index  # (B, T) completion tokens only
+        mask = own["labels"] != -100  # (B, T) completion tokens only
         s_logits = supervised_logits(student, own, mask, vocab_size, autocast_dtype)  # (N, V)
         t_logits = supervised_logits(teacher, own, mask, vocab_size, autocast_dtype)  # (N, V)
         total += divergence(s_logits, t_logits, "reverse_kl").sum().item()
         tokens += int(mask.sum())
-        drawn.extend(completions)
     if was_training:
         student.train()
-    return {
-        "own_reverse_kl": total / max(tokens, 1),
-        "own_sample_tokens": tokens / max(len(drawn), 1),
-        "own_distinct_2": distinct_n(drawn, 2),
-        "own_repetition": repetition(drawn, 4),
+    out = {
+        "own_sample_tokens": sum(map(len, completions)) / max(len(completions), 1),
+        "own_distinct_2": distinct_n(completions, 2),
+        "own_repetition": repetition(completions, 4),
     }
-
-
-# ----------------------------------------------------------------------------- verdicts
-
-
-@dataclass(frozen=True)
-class Direction:
-    """How a held-out metric reads: its words, which way is better, how a value prints."""
-
-    words: str
-    lower_is_better: bool
-    fmt: str
-
-
-# the metrics a verdict weighs, in the order it names them
-DIRECTIONS = {
-    "teacher_kl": Direction("held-out teacher KL", True, "{:.3f}"),
-    "top1_agreement": Direction("top-1 agreement", False, "{:.1%}"),
-    "perplexity": Direction("perplexity", True, "{:.2f}"),
-    "bits_per_byte": Direction("bits per byte", True, "{:.3f}"),
-    "own_reverse_kl": Direction("reverse KL on its own samples", True, "{:.3f}"),
-    "own_distinct_2": Direction("distinct-2 of its own samples", False, "{:.2f}"),
-}
-
-
-def verdict(name: str, run: dict[str, float], other_name: str, other: dict[str, float]) -> str:
-    """One computed sentence comparing two runs' held-out metrics (those both have, finite):
-    where ``name`` is better, where worse, with the figures, e.g. "the KD student is better than
-    the CE baseline on held-out teacher KL (1.790 vs 2.220) but worse on perplexity (20.10 vs
-    18.30)". Equal values are named as ties."""
-    better, worse, tied = [], [], []
-    for key, d in DIRECTIONS.items():
-        a, b = run.get(key), other.get(key)
-        if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
-            continue
-        said = f"{d.words} ({d.fmt.format(a)} vs {d.fmt.format(b)})"
-        if d.fmt.format(a) == d.fmt.format(b):
-            tied.append(said)
-        elif (a < b) == d.lower_is_better:
-            better.append(said)
-        else:
-            worse.append(said)
-    if not (better or worse or tied):
-        return f"{name} and {other_name} share no held-out metric"
-    parts = []
-    if better:
-        parts.append(f"better than {other_name} on {_listed(better)}")
-    if worse:
-        parts.append(("but " if better else "") + f"worse on {_listed(worse)}")
-    if tied:
-        parts.append(("and " if parts else "") + f"level on {_listed(tied)}")
-    if not better and worse:
-        parts[0] = parts[0].replace("worse on", f"worse than {other_name} on", 1)
-    return f"{name} is " + " ".join(parts)
-
-
-def _listed(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    if teacher is not None:
+        out["own_reverse_kl"] = total / max(tokens, 1)
+    return out

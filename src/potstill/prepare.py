@@ -49,6 +49,7 @@ class Data:
     eval: list[Example]
     train_stats: TokenizeStats
     eval_stats: TokenizeStats
+    eval_records: list[dict] = dataclasses.field(default_factory=list)  # before tokenisation
 
 
 def _student_source(r: Recipe) -> str:
@@ -273,7 +274,13 @@ def load_data(r: Recipe, tokenizer: Any, method: Method | None = None) -> Data:
         train, held = with_example_index(train), with_example_index(held)
     print(f"train data ({d.train}): {train_stats.summary()}")
     print(f"eval data ({eval_source}): {eval_stats.summary()}")
-    return Data(train=train, eval=held, train_stats=train_stats, eval_stats=eval_stats)
+    return Data(
+        train=train,
+        eval=held,
+        train_stats=train_stats,
+        eval_stats=eval_stats,
+        eval_records=eval_records,
+    )
 
 
 def with_example_index(examples: list[Example]) -> list[Example]:

@@ -454,11 +454,16 @@ def train(
 
     distributed.prepare_student(model)  # the LM head whole where the losses read it
 
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "position": {"epoch": 0, "batch": 0}}
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens": 0,
+        "seconds": 0.0,  # training wall time over every resumed part of the run
+        "position": {"epoch": 0, "batch": 0},
+    }
     ckpt = find_checkpoint(out) if t.resume else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "state.json").read_text())
+        state = {"seconds": 0.0, **json.loads((ckpt / "state.json").read_text())}
         if main:
             print(f"resuming from {ckpt} at step {state['step']}/{total_steps}")
     # A resumed run's optimizer holds the old run's lr; with another horizon (train.max_steps) it
@@ -621,6 +626,7 @@ def train(
             run_tokens += step_tokens
             step_time = time.perf_counter() - t0
             run_time += step_time
+            state["seconds"] += step_time
             window_time += step_time
             step = state["step"]
             # 5) log / evaluate / checkpoint
@@ -636,6 +642,7 @@ def train(
                     "grad_norm": float(grad_norm),
                     "tokens": state["tokens"],
                     "tokens_per_s": tokens_per_s,
+                    "train_seconds": state["seconds"],
                 }
                 row.update(method.pop_stats())  # the method's own statistics since the last row
                 row["sequence_time_share"] = window_sequence_time / max(window_time, 1e-9)
@@ -669,7 +676,14 @@ def train(
         peak = int(accelerator.reduce(torch.tensor(float(peak), device=accelerator.device), "max"))
     last_row = {**(last_eval or {}), **({"peak_memory_mb": peak / 2**20} if peak else {})}
     if last_row:
-        log.log({"step": state["step"], "tokens": state["tokens"], **last_row})
+        log.log(
+            {
+                "step": state["step"],
+                "tokens": state["tokens"],
+                "train_seconds": state["seconds"],
+                **last_row,
+            }
+        )
     save_checkpoint(accelerator, out, state)
     model_dir = None
     if t.save_model:

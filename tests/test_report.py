@@ -1,0 +1,246 @@
+"""The metric registry and `potstill report`: metrics on crafted inputs, the card of two tiny
+runs (files, content, determinism), and the page in a real browser."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from potstill.metrics import (
+    COST,
+    METRICS,
+    NEEDS,
+    QUALITY,
+    Context,
+    Settings,
+    markdown_table,
+    measure,
+)
+
+
+def test_every_metric_declares_a_known_measurement_and_direction():
+    from potstill.metrics import MEASUREMENTS
+
+    names = {m.name for m in MEASUREMENTS}
+    for m in METRICS.values():
+        assert m.measurement in names and m.better in ("lower", "higher", None)
+    for m in MEASUREMENTS:
+        assert set(m.needs) <= set(NEEDS)
+    assert set(QUALITY).isdisjoint(COST)
+
+
+def test_a_perfect_copy_of_the_teacher_scores_zero_kl_and_full_agreement(tiny_chat_lm):
+    from potstill.data import tokenize_records
+    from potstill.train import fixed_batches
+
+    teacher, tokenizer = tiny_chat_lm
+    records = [
+        {"prompt": f"{a}+{a}=", "completion": f" {2 * a}", "answer": str(2 * a)} for a in range(8)
+    ]
+    examples, _ = tokenize_records(records, tokenizer, max_length=64, packing=False)
+    c = Context(
+        model=copy.deepcopy(teacher),
+        tokenizer=tokenizer,
+        settings=Settings(prompts=4, max_new_tokens=6, speed=False),
+        batches=fixed_batches(examples, batch_size=4, pad_id=tokenizer.pad_token_id),
+        records=records,
+        teacher=teacher,
+    )
+    m = measure(c)
+    assert m["teacher_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["teacher_reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["top1_agreement"] == 1.0
+    assert m["own_reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+    # the random model answers none of the sums; every answer was checked
+    assert m["task_prompts"] == 4 and 0.0 <= m["task_accuracy_greedy"] <= 1.0
+    assert "decode_tokens_per_s" not in m  # speed was not asked for
+    assert "train_tokens" not in m and "model_mb" not in m  # no run log, no saved model
+    # a student that differs is measurably away from the teacher
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.5 * torch.randn_like(other.lm_head.weight))
+    far = measure(Context(**{**c.__dict__, "model": other}))
+    assert far["teacher_kl"] > 0.01 and far["top1_agreement"] < 1.0
+
+
+def test_a_collapsed_students_samples_score_low_diversity():
+    from potstill.evaluate import score_own_samples
+
+    model = torch.nn.Linear(1, 1)  # never called without a teacher
+    collapsed = [[7, 8] * 30 for _ in range(4)]
+    varied = [list(range(i, i + 60)) for i in range(0, 400, 100)]
+    low = score_own_samples(model, None, [[1]] * 4, collapsed, pad_token_id=0)
+    high = score_own_samples(model, None, [[1]] * 4, varied, pad_token_id=0)
+    assert low["own_distinct_2"] < 0.02 and low["own_repetition"] > 0.9
+    assert high["own_distinct_2"] == 1.0 and high["own_repetition"] == 0.0
+    assert "own_reverse_kl" not in low  # no teacher, no KL
+    assert low["own_sample_tokens"] == 60
+
+
+def test_task_accuracy_counts_verified_answers():
+    from potstill.metrics import task_accuracy
+
+    records = [{"answer": "4"}, {"answer": "4"}, {"answer": "2"}, {"text": "no answer to check"}]
+    texts = ["2+2=4\nAnswer: 4", "Answer: 5", "I think it is 2", "anything"]
+    assert task_accuracy(records, texts) == (2 / 3, 3)
+    assert math.isnan(task_accuracy([{"text": "x"}], ["y"])[0])
+    # a reasoning-gym record is checked by its task's own scorer
+    rg = {"answer": "12", "task": "basic_arithmetic", "metadata": {}}
+    assert task_accuracy([rg, rg], ["Answer: 12", "Answer: 13"]) == (0.5, 2)
+
+
+def test_tables_show_only_measured_columns_with_directions():
+    rows = {"a": {"teacher_kl": 1.5, "top1_agreement": 0.5}, "b": {"teacher_kl": math.nan}}
+    lines = markdown_table(rows, QUALITY)
+    assert lines[0] == "| model | teacher KL ↓ | top-1 agreement ↑ |"
+    assert lines[3] == "| b | — | — |"
+    assert markdown_table({"a": {}}, QUALITY) == []
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_pair_dirs):
+    """Two finished tiny runs from one student init: token-level KD and plain CE."""
+    from potstill.cli import main
+
+    root = tmp_path_factory.mktemp("report")
+    rows = [
+        {"messages": [{"role": "user", "content": f"{a}+{b}?"},
+                      {"role": "assistant", "content": f"{a}+{b}={a + b}\nAnswer: {a + b}"}],
+         "answer": str(a + b)}
+        for a in range(10) for b in range(4)
+    ]  # fmt: skip
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = (
+        f"teacher: {{model: {tiny_pair_dirs / 'teacher'}}}\n"
+        f"student: {{model: {tiny_pair_dirs / 'student'}, init: pretrained}}\n"
+        f"data: {{train: {root / 'data.jsonl'}, max_eval_records: 8}}\n"
+        "train: {precision: fp32, max_steps: 4, batch_size: 4, eval_every: 2, lr: 1e-3}\n"
+    )
+    for method in ("token_level", "sft"):
+        (root / f"{method}.yaml").write_text(f"method: {method}\n" + base)
+        out = root / method
+        assert main(["train", str(root / f"{method}.yaml"), f"train.output_dir={out}"]) == 0
+    return root
+
+
+def test_the_report_card_of_two_runs(two_runs, capsys):
+    from potstill.cli import main
+
+    out = two_runs / "card" / "report.html"
+    argv = ["report", f"KD={two_runs / 'token_level'}", f"CE={two_runs / 'sft'}", "-o", str(out)]
+    assert main([*argv, "--prompts", "4", "--max-new-tokens", "8"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = report["rows"]
+    assert list(rows) == ["teacher", "before training", "KD", "CE"]
+    for name in ("before training", "KD", "CE"):
+        for key in ("teacher_kl", "teacher_reverse_kl", "top1_agreement", "perplexity",
+                    "task_accuracy_greedy", "task_accuracy_sampled", "own_reverse_kl",
+                    "own_distinct_2", "parameters", "decode_tokens_per_s",
+                    "decode_tokens_per_s_batched"):  # fmt: skip
+            assert key in rows[name], (name, key)
+    for name in ("KD", "CE"):
+        assert rows[name]["train_tokens"] > 0 and rows[name]["train_seconds"] > 0
+        assert rows[name]["model_mb"] > 0
+    assert rows["teacher"]["teacher_kl"] == 0 and "task_accuracy_greedy" in rows["teacher"]
+    # verdicts: each run against the start, then CE against KD, computed from the figures
+    v = report["verdicts"]
+    assert len(v) == 3 and v[0].startswith("KD is ") and v[2].startswith("CE is ")
+    assert "than KD on" in v[2] or "level on" in v[2]
+    assert report["environment"]["torch"] == torch.__version__
+    # the page: self-contained, both plots inlined, nothing to fetch
+    page = out.read_text()
+    assert page.count('src="data:image/png;base64,') == 2
+    assert not re.search(r"""(?:src|href)=["'](?!data:)""", page)
+    assert "default-src 'none'" in page and "potstill train" in page
+    md = out.with_suffix(".md").read_text()
+    assert (
+        "(report_files/loss_terms.png)" in md
+        and (out.parent / "report_files" / "held_out.png").is_file()
+    )
+    assert "| KD |" in md and "## Verdicts" in md
+    assert "| teacher |" in capsys.readouterr().out  # the summary printed
+    # the same inputs give the same numbers (speed is measured once and kept)
+    first = out.with_suffix(".json").read_text()
+    assert main([*argv, "--prompts", "4", "--max-new-tokens", "8"]) == 0
+    assert out.with_suffix(".json").read_text() == first
+
+
+def test_report_refuses_what_is_not_a_finished_run(tmp_path):
+    from potstill.errors import RecipeError
+    from potstill.report import parse_runs
+
+    with pytest.raises(RecipeError, match="not a run directory"):
+        parse_runs([str(tmp_path)])
+    (tmp_path / "recipe.yaml").write_text("method: sft\nteacher: {model: x}\n")
+    with pytest.raises(RecipeError, match="has no saved model"):
+        parse_runs([str(tmp_path)])
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next(
+        filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None
+    )
+
+
+# After load: how many images there are, how many decoded, and how many resources were fetched.
+_PROBE = """<script>
+addEventListener("load", () => {
+  const imgs = [...document.images];
+  const probe = document.createElement("pre");
+  probe.id = "probe";
+  probe.textContent = JSON.stringify({
+    images: imgs.length,
+    loaded: imgs.filter((i) => i.complete && i.naturalWidth > 0).length,
+    fetched: performance.getEntriesByType("resource").map((r) => r.name),
+  });
+  document.body.append(probe);
+});
+</script>"""
+
+
+def test_the_page_renders_in_a_real_browser_with_every_plot_and_no_fetch(two_runs, tmp_path):
+    import subprocess
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on PATH: `make test` installs it with apt where it runs as root")
+    from potstill.report import build_report
+
+    out = tmp_path / "report.html"
+    build_report(
+        [f"KD={two_runs / 'token_level'}", f"CE={two_runs / 'sft'}"],
+        out,
+        Settings(prompts=2, max_new_tokens=4, speed=False),
+    )
+    page = out.read_text()
+    # the page's own policy forbids scripts; the probe copy allows inline ones and nothing more
+    probed = tmp_path / "probed.html"
+    probed.write_text(
+        page.replace(
+            "default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';"
+        ).replace("</body>", _PROBE + "</body>")
+    )
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--window-size=1200,1600", "--virtual-time-budget=3000"]  # fmt: skip
+    dom = subprocess.run(
+        [*flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    found = json.loads(
+        re.search(r'<pre id="probe">(.*?)</pre>', dom).group(1).replace("&quot;", '"')
+    )
+    assert found == {"images": 2, "loaded": 2, "fetched": []}
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size == (1200, 1600)
+        colours = image.convert("L").getextrema()
+        assert colours[1] - colours[0] > 100  # text and plots drawn, not a blank page
