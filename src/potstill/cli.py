@@ -127,6 +127,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         speed=args.speed,
         speculative=args.speculative,
+        harness_tasks=tuple(t for t in (args.lm_eval or "").split(",") if t),
+        harness_include=args.lm_eval_include,
+        harness_limit=args.lm_eval_limit,
     )
     print_summary(build_report(args.runs, args.output, settings))
     return 0
@@ -320,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure every model as a speculative-decoding draft for the teacher "
         "(draft runs always are)",
+    )
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASK[,TASK]",
+        help="also run these lm-evaluation-harness tasks on every model (pip install "
+        "'potstill[lmeval]')",
+    )
+    p.add_argument(
+        "--lm-eval-include", metavar="DIR", help="a folder of custom harness task YAML files"
+    )
+    p.add_argument(
+        "--lm-eval-limit", type=int, metavar="N", help="documents per harness task (default: all)"
     )
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser(

@@ -19,6 +19,7 @@ Measurements:
     size        parameters, bytes of the saved model, bytes of an exported GGUF
     speed       greedy decoding tokens/s on this machine, one prompt at a time and batched
     training    the run's own log: tokens, wall time, tokens/s
+    harness     lm-evaluation-harness tasks, scored by the harness (:mod:`potstill.lmeval`)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ NEEDS = {
     "model_dir": "a saved model directory",
     "speed": "speed measuring on",
     "training_log": "the run's metrics.jsonl",
+    "harness": "lm-evaluation-harness tasks asked for (the lmeval extra)",
 }
 
 
@@ -205,6 +207,9 @@ class Settings:
     gamma: int = 4  # drafted tokens per target pass
     draft_prompts: int = 4
     draft_new_tokens: int = 48
+    harness_tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks (the lmeval extra)
+    harness_include: str | None = None  # a folder of custom harness task YAMLs
+    harness_limit: int | None = None  # documents per harness task (None: all)
 
 
 @dataclass
@@ -237,6 +242,7 @@ class Context:
             "model_dir": self.model_dir is not None,
             "speed": s.speed,
             "training_log": bool(self.history),
+            "harness": bool(s.harness_tasks),
         }[need]
 
 
@@ -404,6 +410,24 @@ def measure_training(c: Context) -> dict[str, Any]:
     return out
 
 
+def measure_harness(c: Context) -> dict[str, Any]:
+    """lm-evaluation-harness tasks (:func:`potstill.lmeval.harness`), under ``harness``:
+    ``{task: {metric: value}}``, the harness's own scoring."""
+    from potstill.lmeval import harness
+
+    s = c.settings
+    return {
+        "harness": harness(
+            c.model,
+            c.tokenizer,
+            list(s.harness_tasks),
+            include_path=s.harness_include,
+            limit=s.harness_limit,
+            seed=s.seed,
+        )
+    }
+
+
 MEASUREMENTS = (
     Measurement("held_out", ("held_out",), measure_held_out),
     Measurement("generation", ("prompts",), measure_generation),
@@ -411,6 +435,7 @@ MEASUREMENTS = (
     Measurement("size", (), measure_size),
     Measurement("speed", ("held_out", "speed"), measure_speed),
     Measurement("training", ("training_log",), measure_training),
+    Measurement("harness", ("harness",), measure_harness),
 )
 
 

@@ -50,6 +50,7 @@ class Run:
 
 def parse_runs(specs: list[str]) -> list[Run]:
     """["NAME=DIR" | "DIR", …] -> runs, each a finished ``potstill train`` output directory."""
+    from potstill.methods.registry import method_info
     from potstill.recipe import load_recipe
 
     runs = []
@@ -67,11 +68,17 @@ def parse_runs(specs: list[str]) -> list[Run]:
                 "finished, or trained with train.save_model=false: run `potstill train "
                 f"{folder / 'recipe.yaml'}` again to finish it"
             )
+        recipe = load_recipe(folder / "recipe.yaml")
+        if method_info(recipe.method).encoder:
+            raise RecipeError(
+                f"{spec}: a {recipe.method} run trains a sentence encoder, not a language model; "
+                f"its held-out metrics are in {folder / 'metrics.jsonl'}"
+            )
         runs.append(
             Run(
                 name=name or folder.name,
                 path=folder,
-                recipe=load_recipe(folder / "recipe.yaml"),
+                recipe=recipe,
                 history=read_history(folder / "metrics.jsonl"),
             )
         )
@@ -293,6 +300,12 @@ def command_line(specs: list[str], output: Path, s: Settings) -> str:
         flags.append("--no-speed")
     if s.speculative:
         flags.append("--speculative")
+    if s.harness_tasks:
+        flags.append("--lm-eval " + ",".join(s.harness_tasks))
+    if s.harness_include:
+        flags.append(f"--lm-eval-include {s.harness_include}")
+    if s.harness_limit is not None:
+        flags.append(f"--lm-eval-limit {s.harness_limit}")
     return " ".join(["potstill report", *specs, "-o", str(output), *flags])
 
 
@@ -491,6 +504,19 @@ def render(report: dict[str, Any], runs: list[Run]) -> Doc:
             f"γ = {s['gamma']} drafted tokens per target pass; measured on {s['draft_prompts']} held-out prompts."
         )
         doc.table(*_cells(rows, DRAFT))
+    harness = {n: r["harness"] for n, r in rows.items() if r.get("harness")}
+    if harness:
+        doc.h(2, "lm-evaluation-harness")
+        limit = s["harness_limit"]
+        doc.p(
+            "Scored by the harness itself (`lm_eval.simple_evaluate`), "
+            + (f"the first {limit} documents of each task." if limit else "every document.")
+        )
+        columns = sorted({(t, k) for h in harness.values() for t, ms in h.items() for k in ms})
+        doc.table(
+            ["model", *(f"{t} {k}" for t, k in columns)],
+            [[n, *(_number(h.get(t, {}).get(k)) for t, k in columns)] for n, h in harness.items()],
+        )
     doc.h(2, "Size, speed and training cost")
     if s["speed"]:
         doc.p(
@@ -524,6 +550,10 @@ def render(report: dict[str, Any], runs: list[Run]) -> Doc:
         ],
     )
     return doc
+
+
+def _number(value: Any) -> str:
+    return "—" if value is None else f"{value:.4g}"
 
 
 def _cells(rows: dict[str, dict[str, Any]], keys) -> tuple[list[str], list[list[str]]]:
