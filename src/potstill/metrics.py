@@ -93,10 +93,12 @@ METRICS: dict[str, Metric] = {
            "{:.1%}", "generation"),
         _m("own_reverse_kl", "reverse KL on own samples", "reverse KL on its own samples", "lower",
            "{:.3f}", "generation"),
+        # diversity diagnoses collapse (near 0 / near 1) rather than ranks students: a random
+        # model is the most diverse of all, so verdicts leave it out
         _m("own_distinct_2", "own distinct-2", "distinct-2 of its own samples", "higher",
-           "{:.2f}", "generation"),
+           "{:.2f}", "generation", False),
         _m("own_repetition", "own repetition", "repetition in its own samples", "lower",
-           "{:.2f}", "generation"),
+           "{:.2f}", "generation", False),
         _m("own_sample_tokens", "own sample tokens", "own sample length", None, "{:.0f}",
            "generation", False),
         _m("acceptance", "acceptance T=1", "expected draft acceptance", "higher", "{:.1%}",

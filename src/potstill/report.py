@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,12 @@ def build_report(
     files = output.with_name(output.stem + "_files")
     first = runs[0].recipe
     tokenizer = load_tokenizer(str(runs[0].model_dir))
+    for run in runs[1:]:
+        if load_tokenizer(str(run.model_dir)).get_vocab() != tokenizer.get_vocab():
+            raise RecipeError(
+                f"{run.name} ({run.path}) has another tokenizer than {runs[0].name}: a report card "
+                "compares runs on one tokenisation of the held-out set; report them separately"
+            )
     data = load_data(first, tokenizer)
     batches = fixed_batches(
         data.eval, batch_size=first.train.batch_size, pad_id=pad_token_id(tokenizer)
@@ -183,9 +190,7 @@ def build_report(
     for run in runs:
         print(f"measuring {run.name} ({run.path}) …")
         model = load_model(str(run.model_dir))
-        shares = teacher is not None and _shared_vocab(
-            teacher, teacher_tokenizer, model, load_tokenizer(str(run.model_dir))
-        )
+        shares = teacher is not None and _shared_vocab(teacher, teacher_tokenizer, model, tokenizer)
         rows[run.name] = measure(
             Context(
                 model=model,
@@ -306,7 +311,7 @@ def command_line(specs: list[str], output: Path, s: Settings) -> str:
         flags.append(f"--lm-eval-include {s.harness_include}")
     if s.harness_limit is not None:
         flags.append(f"--lm-eval-limit {s.harness_limit}")
-    return " ".join(["potstill report", *specs, "-o", str(output), *flags])
+    return " ".join(["potstill report", *map(shlex.quote, specs), "-o", str(output), *flags])
 
 
 def _cpu_name() -> str:
@@ -578,7 +583,9 @@ def training_plots(runs: list[Run], before: dict[str, Any] | None) -> list[tuple
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    _thousands = FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x >= 1000 else f"{x:g}")
     out = []
     logged = [r for r in runs if any("loss" in h for h in r.history)]
     if logged:
@@ -595,6 +602,7 @@ def training_plots(runs: list[Run], before: dict[str, Any] | None) -> list[tuple
             for term in terms:
                 ax.plot(xs, [h.get(term, float("nan")) for h in train_rows], label=term, lw=1)
             ax.set(title=f"{run.name} ({run.recipe.method})", xlabel="tokens", ylabel="nats/token")
+            ax.xaxis.set_major_formatter(_thousands)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         out.append(("loss_terms.png", "training loss and its terms, per run", _png(fig)))
@@ -615,6 +623,7 @@ def training_plots(runs: list[Run], before: dict[str, Any] | None) -> list[tuple
                     ax.plot(*zip(*points, strict=True), marker="o", label=run.name)
             m = METRICS[key]
             ax.set(title=f"held-out {m.header}{m.arrow}", xlabel="tokens")
+            ax.xaxis.set_major_formatter(_thousands)
             if key == "perplexity":
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
