@@ -299,3 +299,21 @@ def test_the_report_card_runs_harness_tasks(two_runs, tmp_path, tiny_chat_lm, mo
         assert "task_accuracy_greedy" not in row and "decode_tokens_per_s" not in row
     assert "## lm-evaluation-harness" in out.with_suffix(".md").read_text()
     assert "--lm-eval potstill_sums" in report["command"]
+
+
+def test_size_counts_the_saved_model_and_an_exported_gguf(tmp_path, tiny_chat_lm):
+    from potstill.metrics import measure_size
+
+    model, tokenizer = tiny_chat_lm
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "student-q8_0.gguf").write_bytes(b"\0" * 2_000_000)
+    c = Context(model=model, tokenizer=tokenizer, settings=Settings(), model_dir=tmp_path / "model",
+                run_dir=tmp_path)  # fmt: skip
+    size = measure_size(c)
+    saved = sum(f.stat().st_size for f in (tmp_path / "model").iterdir())
+    assert size["parameters"] == sum(p.numel() for p in model.parameters())
+    assert size["model_mb"] == saved / 1e6 and size["gguf_mb"] == 2.0
+    assert "gguf_mb" not in measure_size(
+        Context(model=model, tokenizer=tokenizer, settings=Settings())
+    )
