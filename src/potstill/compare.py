@@ -25,7 +25,15 @@ from typing import Any
 
 from potstill.errors import RecipeError
 from potstill.evaluate import evaluate, token_byte_lengths
-from potstill.metrics import QUALITY, Context, Settings, markdown_table, measure_draft, verdict
+from potstill.metrics import (
+    QUALITY,
+    TEACHER_ITSELF,
+    Context,
+    Settings,
+    markdown_table,
+    measure_draft,
+    verdict,
+)
 from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import Recipe
@@ -179,8 +187,8 @@ def report_markdown(result: dict[str, Any]) -> str:
     of them has), a verdict for each student after the first, and the drafts' table."""
     e, t = result["eval"], result["teacher"]
     across = "bits_per_byte" in t  # students of another tokenizer: only bits per byte compares
-    nil = {"teacher_kl": 0.0, "teacher_reverse_kl": 0.0, "top1_agreement": 1.0}  # by definition
-    shown = {k: v for k, v in nil.items() if any(k in m for m in result["students"].values())}
+    students = result["students"].values()
+    shown = {k: v for k, v in TEACHER_ITSELF.items() if any(k in m for m in students)}
     teacher = t if across else {**shown, **t}
     rows = {f"teacher ({t['model']})": teacher, **result["students"]}
     if across:

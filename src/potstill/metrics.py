@@ -121,6 +121,9 @@ METRICS: dict[str, Metric] = {
     )
 }  # fmt: skip
 
+# The teacher measured against itself, by definition.
+TEACHER_ITSELF = {"teacher_kl": 0.0, "teacher_reverse_kl": 0.0, "top1_agreement": 1.0}
+
 # The groups a report card tables separately.
 QUALITY = tuple(k for k, m in METRICS.items() if m.measurement in ("held_out", "generation"))
 DRAFT = tuple(k for k, m in METRICS.items() if m.measurement == "draft")

@@ -31,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import RecipeError
-from potstill.metrics import COST, DRAFT, METRICS, QUALITY, Context, Settings, measure, present
+from potstill.metrics import (
+    COST,
+    DRAFT,
+    METRICS,
+    QUALITY,
+    TEACHER_ITSELF,
+    Context,
+    Settings,
+    measure,
+    present,
+)
 from potstill.metrics import verdict as verdict_of
 
 # ----------------------------------------------------------------------------- runs
@@ -158,12 +168,7 @@ def build_report(
         row = measure(
             Context(model=teacher, speed_cache=speed.bind(f"teacher {teacher_name}"), **common)
         )
-        rows["teacher"] = {
-            "teacher_kl": 0.0,
-            "teacher_reverse_kl": 0.0,
-            "top1_agreement": 1.0,
-            **row,
-        }
+        rows["teacher"] = {**TEACHER_ITSELF, **row}
         teacher_tokenizer = load_tokenizer(
             teacher_name, trust_remote_code=first.teacher.trust_remote_code
         )
