@@ -174,6 +174,57 @@ def test_lambda_mixes_batches_and_seq_kd_lets_the_teacher_write(tmp_path, setup)
     assert row["on_policy_fraction"] == 0.0 and 1 <= row["teacher_sample_len_mean"] <= 6
 
 
+def test_the_collapse_guard_counts_collapsed_batches_in_a_row():
+    from potstill.methods.on_policy import OnPolicy
+
+    guard = OnPolicy(collapse_patience=2)
+    collapsed = [[5, 6] * 20, [6, 5] * 20]  # "ededed…": distinct-2 2/78, repetition ~1
+    varied = [list(range(0, 40)), list(range(50, 90))]
+    guard.watch_diversity(collapsed)
+    assert guard.stop_reason() is None  # one batch is not yet a collapse
+    guard.watch_diversity(varied)
+    guard.watch_diversity(collapsed)
+    assert guard.stop_reason() is None  # a healthy batch in between starts the count again
+    guard.watch_diversity(collapsed)
+    reason = guard.stop_reason()
+    assert "2 sampled batches in a row" in reason and "distinct-2 0.026" in reason
+    for knob in ("student.init=pretrained", "train.lr", "on_policy.lmbda", "collapse_patience=0"):
+        assert knob in reason
+    stats = guard.pop_stats()
+    assert stats["student_distinct_2"] == pytest.approx((3 * 2 / 78 + 1.0) / 4)
+    assert stats["student_repetition"] > 0.7
+    guard.watch_diversity([[1, 2], [3]])  # too short for a 4-gram: repetition NaN, not counted
+    assert guard.collapsed == 0
+    assert OnPolicy(collapse_patience=0, collapsed=9).stop_reason() is None  # only logs
+
+
+def test_a_collapsed_run_stops_before_the_next_step_and_names_the_knobs(
+    tmp_path, setup, monkeypatch
+):
+    from potstill.errors import RunStopped
+    from potstill.methods import on_policy
+
+    monkeypatch.setattr(on_policy, "distinct_n", lambda samples, n: 0.0)  # every batch collapsed
+    with pytest.raises(RunStopped, match=r"stopped at step 2: the student's own samples collapsed"):
+        run(tmp_path, setup, "train.max_steps=5", "on_policy.collapse_patience=2")
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["student_distinct_2"] == 0.0
+
+
+def test_sampling_from_an_untrained_student_is_warned_about():
+    warm = load_recipe(None, ["method=on_policy", "teacher.model=t", "student.model=s",
+                              "student.init=pretrained"])  # fmt: skip
+    cold = load_recipe(None, ["method=on_policy", "teacher.model=t", "student.init=prune",
+                              "student.keep_layers=[0]"])  # fmt: skip
+    assert "warning" in build_method(cold, vocab_size=8).describe()
+    assert "warning" not in build_method(warm, vocab_size=8).describe()
+    off = load_recipe(None, ["method=on_policy", "teacher.model=t", "student.init=prune",
+                             "student.keep_layers=[0]", "on_policy.lmbda=0"])  # fmt: skip
+    assert "warning" not in build_method(off, vocab_size=8).describe()
+
+
 def test_own_reverse_kl_is_monitored_for_any_objective(tmp_path, setup):
     tok, teacher, examples = setup
     r = recipe(tmp_path, "loss.kind=jsd", "loss.kd_temperature=2.0")

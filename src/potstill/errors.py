@@ -26,6 +26,11 @@ class NonFiniteLoss(RuntimeError):
     """The loss or gradient became NaN/inf; training stopped before the bad update was applied."""
 
 
+class RunStopped(RuntimeError):
+    """A method's guard stopped the run (e.g. the student's samples collapsed); the message names
+    what was seen and the knobs to turn. The last checkpoint is left as it was."""
+
+
 class GenerationError(RuntimeError):
     """Generation failed in a way the user can act on; the message says what to do."""
 
@@ -40,6 +45,7 @@ USER_ERRORS = (
     ModelLoadError,
     TokenizerMismatchError,
     NonFiniteLoss,
+    RunStopped,
     GenerationError,
     VerifyError,
 )

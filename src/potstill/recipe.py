@@ -382,6 +382,21 @@ class OnPolicySpec:
         "reverse KL to the teacher on those samples",
         True,
     )
+    collapse_distinct2: float = doc(
+        "collapse guard: a sampled batch whose distinct-2 (distinct token pairs / pairs, over its "
+        "samples) is below this counts as collapsed",
+        0.1,
+    )
+    collapse_repetition: float = doc(
+        "collapse guard: a sampled batch whose samples repeat more than this share of their "
+        "4-grams (seq-rep-4, averaged) counts as collapsed",
+        0.8,
+    )
+    collapse_patience: int = doc(
+        "collapse guard: this many collapsed student-sampled batches in a row stop the run "
+        "(0: only log student_distinct_2 and student_repetition)",
+        3,
+    )
 
 
 @dataclass
@@ -884,6 +899,13 @@ def validate_on_policy(r: Recipe) -> None:
     o = r.on_policy
     if not 0 <= o.lmbda <= 1:
         raise RecipeError(f"`on_policy.lmbda` is a share of batches in [0, 1], got {o.lmbda}")
+    for key in ("collapse_distinct2", "collapse_repetition"):
+        if not 0 <= getattr(o, key) <= 1:
+            raise RecipeError(f"`on_policy.{key}` is a share in [0, 1], got {getattr(o, key)}")
+    if o.collapse_patience < 0:
+        raise RecipeError(
+            f"`on_policy.collapse_patience` must be ≥ 0 (0: never stop), got {o.collapse_patience}"
+        )
     if o.sampling_temperature <= 0:
         raise RecipeError(
             f"`on_policy.sampling_temperature` must be > 0 (on-policy KD samples), got "

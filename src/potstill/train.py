@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from potstill import distributed, students
 from potstill.data import Example, collate
-from potstill.errors import NonFiniteLoss
+from potstill.errors import NonFiniteLoss, RunStopped
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.lm import padding_free, unwrap
 from potstill.losses import normalise, step_normalizer
@@ -361,6 +361,21 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the loop
 
 
+def stop_if_asked(accelerator: Accelerator, method: Method, step: int, out: Path) -> None:
+    """Raise RunStopped when the method's guard asks on any process (a flag reduced over them,
+    so every process stops at the same step)."""
+    reason = method.stop_reason()
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(reason is not None), device=accelerator.device)
+        if accelerator.reduce(flag, "max").item() and reason is None:
+            reason = "another process's guard stopped the run (its message is in its log)"
+    if reason is not None:
+        raise RunStopped(
+            f"stopped at step {step}: {reason}. The last checkpoint "
+            f"({find_checkpoint(out) or 'none yet'}) is untouched."
+        )
+
+
 def _padding_free_from_recipe(fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
     """Every forward pass of the run (``lm.final_hidden``) follows ``train.padding_free``."""
 
@@ -650,6 +665,7 @@ def train(
                 log.log(row)
                 if on_log:
                     on_log(row)
+            stop_if_asked(accelerator, method, step, out)  # a guard's: before evaluating, saving
             if eval_batches and t.eval_every and step % t.eval_every == 0 and step < total_steps:
                 last_eval = run_eval()
                 log.log({"step": step, "tokens": state["tokens"], **last_eval})

@@ -10,7 +10,8 @@ One optimizer step, as the loop drives it::
     micro = [method.sequences(b, ...) for b in next grad_accum batches]   # e.g. on-policy samples
     normalizer = Σ method.count_tokens(b) over micro-batches and processes
     for b in micro: normalise(method.loss(student, teacher, b), normalizer).backward()
-    log row |= method.pop_stats();  held-out metrics |= method.evaluate(...)
+    log row |= method.pop_stats();  raise if method.stop_reason() on any process
+    held-out metrics |= method.evaluate(...)
 
 The optimizer trains the student's parameters and those of :meth:`Method.trainable_modules`
 (e.g. projectors, built in :meth:`Method.attach`), and checkpoints them together.
@@ -109,6 +110,11 @@ class Method:
     def pop_stats(self) -> dict[str, float]:
         """Method statistics since the last call, added to the next log row."""
         return {}
+
+    def stop_reason(self) -> str | None:
+        """Checked after every optimizer step on every process: why the run must stop now (any
+        process's reason stops them all, before the next step), or None to go on."""
+        return None
 
     def evaluate(
         self,

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from potstill.data import batch_prompts, completion_batch, cut_at_stop
-from potstill.evaluate import own_sample_metrics
+from potstill.evaluate import distinct_n, own_sample_metrics, repetition
 from potstill.generation.base import SamplingParams
 from potstill.generation.hf import HFBackend
 from potstill.lm import final_hidden
@@ -109,6 +109,12 @@ class OnPolicy(Method, name="on_policy"):
     eval_samples: bool = True
     seed: int = 0
     sample_dtype: torch.dtype | None = None  # bf16 twin under bf16 training; None: the model
+    collapse_distinct2: float = 0.1  # the collapse guard (on_policy.collapse_*)
+    collapse_repetition: float = 0.8
+    collapse_patience: int = 3
+    cold_start: bool = False  # the student starts untrained (pruned or from a config)
+    collapsed: int = 0  # student-sampled batches in a row that looked collapsed
+    last_diversity: tuple[float, float] = (float("nan"), float("nan"))  # (distinct-2, seq-rep-4)
     samplers: dict[str, Any] = field(default_factory=dict, repr=False)  # built on first use
     stats: dict[str, Any] = field(default_factory=dict, repr=False)  # since the last pop_stats
 
@@ -118,12 +124,21 @@ class OnPolicy(Method, name="on_policy"):
 
     def describe(self) -> str:
         mix = f"λ={self.lmbda}" + (", seq_kd" if self.seq_kd else "")
+        warn = ""
+        if self.cold_start and self.lmbda > 0:
+            warn = (
+                f"\nwarning: the student samples its own completions (λ={self.lmbda}) from an "
+                "untrained start; such runs have collapsed into repeating a few tokens within "
+                "steps. Warm-start it from a distilled student: student.model=RUN/model "
+                "student.init=pretrained (e.g. the demo's runs/demo/kd/model)"
+            )
         return (
             f"on_policy ({mix}, sampling T={self.sampling_temperature}, top_p={self.top_p}, "
             f"≤{self.max_new_tokens} new tokens, engine {self.engine}"
             + (", compiled decoding" if self.compile_decode and self.engine == "hf" else "")
             + "); "
             + self.kd.describe().removeprefix("token_level: ")
+            + warn
         )
 
     @classmethod
@@ -142,6 +157,10 @@ class OnPolicy(Method, name="on_policy"):
             eval_samples=o.eval_samples,
             seed=r.train.seed,
             sample_dtype=autocast_dtype(r.train.precision),
+            collapse_distinct2=o.collapse_distinct2,
+            collapse_repetition=o.collapse_repetition,
+            collapse_patience=o.collapse_patience,
+            cold_start=r.student.init != "pretrained",
         )
 
     # --- sequences ------------------------------------------------------------------------------
@@ -210,8 +229,34 @@ class OnPolicy(Method, name="on_policy"):
             device=batch["input_ids"].device,
         )
         s.setdefault(f"{writer}_lengths", []).extend(len(c) for c in completions)
+        if writer == "student":
+            self.watch_diversity(completions)
         out["sampled_by_student"] = torch.tensor(writer == "student")
         return out
+
+    def watch_diversity(self, completions: list[list[int]]) -> None:
+        """The collapse guard: distinct-2 and seq-rep-4 of one batch of the student's samples,
+        logged, and counted as collapsed past ``on_policy.collapse_*`` (NaN, samples too short
+        to hold an n-gram, never counts)."""
+        d, r = distinct_n(completions, 2), repetition(completions, 4)
+        self.stats.setdefault("student_distinct_2", []).append(d)
+        self.stats.setdefault("student_repetition", []).append(r)
+        collapsed = d < self.collapse_distinct2 or r > self.collapse_repetition  # NaN: False
+        self.collapsed = self.collapsed + 1 if collapsed else 0
+        self.last_diversity = (d, r)
+
+    def stop_reason(self) -> str | None:
+        if not self.collapse_patience or self.collapsed < self.collapse_patience:
+            return None
+        d, r = self.last_diversity
+        return (
+            f"the student's own samples collapsed: {self.collapsed} sampled batches in a row "
+            f"below on_policy.collapse_distinct2={self.collapse_distinct2} distinct-2 or above "
+            f"on_policy.collapse_repetition={self.collapse_repetition} repetition (last: "
+            f"distinct-2 {d:.3f}, repetition {r:.3f}). Warm-start the student "
+            "(student.model=RUN/model student.init=pretrained), lower train.lr or "
+            "on_policy.lmbda, or set on_policy.collapse_patience=0 to only log it"
+        )
 
     # --- objective ------------------------------------------------------------------------------
 
@@ -267,6 +312,10 @@ class OnPolicy(Method, name="on_policy"):
                 out[f"{writer}_sample_len_mean"] = sum(lengths) / len(lengths)
                 out[f"{writer}_sample_len_max"] = max(lengths)
                 out[f"{writer}_sample_tokens_per_s"] = sum(lengths) / s[f"{writer}_seconds"]
+        for key in ("student_distinct_2", "student_repetition"):
+            finite = [v for v in s.get(key, []) if v == v]  # NaN: no n-gram in that batch
+            if finite:
+                out[key] = sum(finite) / len(finite)
         if "own_kl_tokens" in s and int(s["own_kl_tokens"]):
             out["own_reverse_kl"] = float(s["own_kl_sum"]) / int(s["own_kl_tokens"])
         return out
