@@ -373,6 +373,33 @@ def head_logits(model: nn.Module, hidden: Tensor, vocab_size: int | None = None)
     return logits
 
 
+def token_logprobs(
+    model: nn.Module,
+    hidden: Tensor,
+    tokens: Tensor,
+    vocab_size: int | None = None,
+    chunk: int = 512,
+) -> Tensor:
+    """log softmax(``model``'s head on ``hidden``) at ``tokens``: (N, H), (N,) -> (N,) fp32.
+
+    Over chunks of positions, each recomputed in the backward pass when gradients flow, so no
+    ``(N, V)`` logits outlive their chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one(h: Tensor, y: Tensor) -> Tensor:
+        logits = head_logits(model, h, vocab_size).float()  # (n, V)
+        return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)  # (n,)
+
+    grad = torch.is_grad_enabled()
+    parts = [
+        checkpoint(one, hidden[s : s + chunk], tokens[s : s + chunk], use_reentrant=False)
+        if grad
+        else one(hidden[s : s + chunk], tokens[s : s + chunk])
+        for s in range(0, len(tokens), chunk)
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside DDP / compile wrappers."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):

@@ -382,6 +382,13 @@ class OnPolicySpec:
         "reverse KL to the teacher on those samples",
         True,
     )
+    estimator: str = doc(
+        "full: the divergence over the whole vocabulary at every sampled position (loss.kind) | "
+        "sampled: reverse KL estimated from the sampled tokens alone, as a per-token "
+        "policy-gradient advantage (needs loss.kind=reverse_kl, kd_temperature 1, hard_weight "
+        "0, a live teacher)",
+        "full",
+    )
     collapse_distinct2: float = doc(
         "collapse guard: a sampled batch whose distinct-2 (distinct token pairs / pairs, over its "
         "samples) is below this counts as collapsed",
@@ -899,6 +906,22 @@ def validate_on_policy(r: Recipe) -> None:
     o = r.on_policy
     if not 0 <= o.lmbda <= 1:
         raise RecipeError(f"`on_policy.lmbda` is a share of batches in [0, 1], got {o.lmbda}")
+    if o.estimator not in ("full", "sampled"):
+        raise RecipeError(f"`on_policy.estimator` must be full or sampled, got {o.estimator!r}")
+    if o.estimator == "sampled" and r.method == "on_policy":
+        needs = {
+            "loss.kind=reverse_kl": r.loss.kind == "reverse_kl",
+            "loss.kd_temperature=1": r.loss.kd_temperature == 1.0,
+            "loss.hard_weight=0": r.loss.hard_weight == 0,
+            "teacher.source=live": r.teacher.source == "live",
+        }
+        missing = [k for k, ok in needs.items() if not ok]
+        if missing:
+            raise RecipeError(
+                "on_policy.estimator=sampled estimates reverse KL at T=1 from a live teacher's "
+                f"log-probabilities of the sampled tokens; set {', '.join(missing)} "
+                "(or on_policy.estimator=full)"
+            )
     for key in ("collapse_distinct2", "collapse_repetition"):
         if not 0 <= getattr(o, key) <= 1:
             raise RecipeError(f"`on_policy.{key}` is a share in [0, 1], got {getattr(o, key)}")

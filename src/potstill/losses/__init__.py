@@ -19,6 +19,7 @@ from potstill.losses.objective import (
     step_normalizer,
     valid_mask,
 )
+from potstill.losses.policy import sampled_reverse_kl
 
 __all__ = [
     "DIVERGENCES",
@@ -36,6 +37,7 @@ __all__ = [
     "masked_sum",
     "mix",
     "normalise",
+    "sampled_reverse_kl",
     "step_normalizer",
     "valid_mask",
 ]

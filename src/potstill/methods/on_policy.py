@@ -42,8 +42,9 @@ from potstill.data import batch_prompts, completion_batch, cut_at_stop
 from potstill.evaluate import distinct_n, own_sample_metrics, repetition
 from potstill.generation.base import SamplingParams
 from potstill.generation.hf import HFBackend
-from potstill.lm import final_hidden
-from potstill.losses import LossSums
+from potstill.lm import final_hidden, token_logprobs
+from potstill.losses import LossSums, sampled_reverse_kl
+from potstill.losses.objective import weighted_sums
 from potstill.methods.base import Method
 from potstill.methods.token_level import TokenLevel
 from potstill.utils import autocast_dtype, pad_token_id
@@ -109,6 +110,7 @@ class OnPolicy(Method, name="on_policy"):
     eval_samples: bool = True
     seed: int = 0
     sample_dtype: torch.dtype | None = None  # bf16 twin under bf16 training; None: the model
+    estimator: str = "full"  # full | sampled (on_policy.estimator)
     collapse_distinct2: float = 0.1  # the collapse guard (on_policy.collapse_*)
     collapse_repetition: float = 0.8
     collapse_patience: int = 3
@@ -135,6 +137,7 @@ class OnPolicy(Method, name="on_policy"):
         return (
             f"on_policy ({mix}, sampling T={self.sampling_temperature}, top_p={self.top_p}, "
             f"≤{self.max_new_tokens} new tokens, engine {self.engine}"
+            + (", sampled reverse-KL estimator" if self.estimator == "sampled" else "")
             + (", compiled decoding" if self.compile_decode and self.engine == "hf" else "")
             + "); "
             + self.kd.describe().removeprefix("token_level: ")
@@ -157,6 +160,7 @@ class OnPolicy(Method, name="on_policy"):
             eval_samples=o.eval_samples,
             seed=r.train.seed,
             sample_dtype=autocast_dtype(r.train.precision),
+            estimator=o.estimator,
             collapse_distinct2=o.collapse_distinct2,
             collapse_repetition=o.collapse_repetition,
             collapse_patience=o.collapse_patience,
@@ -267,6 +271,8 @@ class OnPolicy(Method, name="on_policy"):
         labels = batch["labels"]  # (B, T)
         mask = labels != kd.ignore_index  # (B, T)
         student_h = final_hidden(student, batch)[mask]  # (N, H_s)
+        if self.estimator == "sampled" and bool(batch.get("sampled_by_student", False)):
+            return self.sampled_loss(student, teacher, batch, mask, student_h)
         if kd.sparse:  # a served teacher scores the sampled tokens: its top-k per position
             ids, logprobs = kd.teacher_rows(batch, mask, "train")  # (N, k)
 
@@ -319,6 +325,29 @@ class OnPolicy(Method, name="on_policy"):
         if "own_kl_tokens" in s and int(s["own_kl_tokens"]):
             out["own_reverse_kl"] = float(s["own_kl_sum"]) / int(s["own_kl_tokens"])
         return out
+
+    def sampled_loss(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        batch: dict[str, Tensor],
+        mask: Tensor,
+        student_h: Tensor,
+    ) -> LossSums:
+        """``on_policy.estimator=sampled``: reverse KL estimated from the student's own sampled
+        tokens alone (:func:`potstill.losses.sampled_reverse_kl`): both models' log-probabilities
+        of those tokens, no divergence over the vocabulary. The soft term's value is the
+        single-sample estimate of the reverse KL."""
+        y = batch["labels"][mask]  # (N,) the sampled tokens
+        student_lp = token_logprobs(student, student_h, y, self.kd.vocab_size)  # (N,)
+        with torch.no_grad():
+            teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
+            teacher_lp = token_logprobs(teacher, teacher_h, y, self.kd.vocab_size)  # (N,)
+        soft = sampled_reverse_kl(student_lp, teacher_lp).sum()
+        s = self.stats
+        s["own_kl_sum"] = s.get("own_kl_sum", 0.0) + soft.detach()
+        s["own_kl_tokens"] = s.get("own_kl_tokens", 0) + mask.sum()
+        return weighted_sums({"soft": soft}, {"soft": self.kd.soft_weight}, like=student_h)
 
     # --- held-out -------------------------------------------------------------------------------
 
