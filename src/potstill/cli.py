@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="distil the bundled SmolLM2 into a 6-layer student and report",
         description=(
             "SmolLM2-135M-Instruct teacher → 6-layer pruned student: forward-KL token-level KD and a "
-            "same-budget cross-entropy baseline, measured on held-out data before and after."
+            "same-budget cross-entropy baseline, ending in the report card of both (report.html)."
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
