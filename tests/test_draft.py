@@ -196,6 +196,7 @@ def test_a_few_steps_of_the_draft_recipe_on_the_bundled_pair(tmp_path, smollm2_d
         "draft.kl_warmup_steps=1", "train.batch_size=2", "data.max_length=96",
         "data.max_train_records=8", "data.max_eval_records=4", "train.precision=fp32",
         "train.save_every=0", "train.log_every=1", f"train.output_dir={out}",
+        "draft.eval_prompts=2", "draft.eval_new_tokens=8",
     ]  # fmt: skip
     assert main(args) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -203,3 +204,12 @@ def test_a_few_steps_of_the_draft_recipe_on_the_bundled_pair(tmp_path, smollm2_d
     assert len(soft) == 3 and soft[1] <= 1 and soft[2] <= 1  # TVD after the warm-up step
     assert math.isfinite(rows[-1]["eval/tokens_per_pass_g4"])
     assert rows[-1]["eval/tokens_per_pass_g4"] >= 1.0
+    # the report card measures a draft run as a draft, with its recipe's draft settings
+    card = tmp_path / "card.html"
+    assert main(["report", str(out), "-o", str(card), "--no-generation", "--no-speed"]) == 0
+    report = json.loads(card.with_suffix(".json").read_text())
+    drafted = report["rows"]["run"]
+    assert 0 <= drafted["acceptance"] <= 1 and drafted["spec_gamma"] == 4
+    assert 1 <= drafted["spec_tokens_per_pass_greedy"] <= 5
+    assert "acceptance" not in report["rows"]["teacher"]
+    assert "## As speculative-decoding drafts" in card.with_suffix(".md").read_text()

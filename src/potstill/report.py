@@ -26,7 +26,7 @@ import os
 import platform
 import re
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,10 @@ def build_report(
     output = Path(output) if output else _default_output(runs)
     files = output.with_name(output.stem + "_files")
     first = runs[0].recipe
+    d = first.draft  # drafts are measured as the first recipe's `draft` section says
+    settings = replace(
+        settings, gamma=d.gamma, draft_prompts=d.eval_prompts, draft_new_tokens=d.eval_new_tokens
+    )
     tokenizer = load_tokenizer(str(runs[0].model_dir))
     for run in runs[1:]:
         if load_tokenizer(str(run.model_dir)).get_vocab() != tokenizer.get_vocab():
