@@ -361,19 +361,14 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the loop
 
 
-def stop_if_asked(accelerator: Accelerator, method: Method, step: int, out: Path) -> None:
-    """Raise RunStopped when the method's guard asks on any process (a flag reduced over them,
-    so every process stops at the same step)."""
-    reason = method.stop_reason()
-    if accelerator.num_processes > 1:
-        flag = torch.tensor(float(reason is not None), device=accelerator.device)
-        if accelerator.reduce(flag, "max").item() and reason is None:
-            reason = "another process's guard stopped the run (its message is in its log)"
-    if reason is not None:
-        raise RunStopped(
-            f"stopped at step {step}: {reason}. The last checkpoint "
-            f"({find_checkpoint(out) or 'none yet'}) is untouched."
-        )
+def stopped(reason: str | None, step: int, out: Path) -> RunStopped:
+    """The error that ends a run a method's guard stopped (``reason`` is None on a process whose
+    own guard did not ask, when another's did)."""
+    reason = reason or "another process's guard stopped the run (its message is in its log)"
+    return RunStopped(
+        f"stopped at step {step}: {reason}. The last checkpoint "
+        f"({find_checkpoint(out) or 'none yet'}) is untouched."
+    )
 
 
 def _padding_free_from_recipe(fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
@@ -578,13 +573,17 @@ def train(
                     for i, b in enumerate(micro)
                 ]
             window_sequence_time += time.perf_counter() - t_seq
+            # a guard judges the sequences just written; its flag rides the count's reduction, so
+            # every process learns whether any asked to stop (after this step) without a collective
+            stop = method.stop_reason()
             counts = torch.stack(
                 [
                     sum(method.count_tokens(b) for b in micro),  # supervised
                     sum(b["attention_mask"].sum() for b in micro),  # all input tokens
+                    torch.tensor(float(stop is not None)),  # processes whose guard asks to stop
                 ]
             ).to(accelerator.device, torch.float64)
-            global_valid, step_tokens = accelerator.reduce(counts, reduction="sum")  # all processes
+            global_valid, step_tokens, stops = accelerator.reduce(counts, reduction="sum")
             normalizer = step_normalizer(global_valid, accelerator.num_processes)
             step_tokens = int(step_tokens)
             # 2) forward / backward
@@ -665,7 +664,8 @@ def train(
                 log.log(row)
                 if on_log:
                     on_log(row)
-            stop_if_asked(accelerator, method, step, out)  # a guard's: before evaluating, saving
+            if stops:  # a guard asked: stop before evaluating or saving
+                raise stopped(stop, step, out)
             if eval_batches and t.eval_every and step % t.eval_every == 0 and step < total_steps:
                 last_eval = run_eval()
                 log.log({"step": step, "tokens": state["tokens"], **last_eval})

@@ -8,9 +8,10 @@ overrides only what it changes. Nothing else of a method is ever probed.
 One optimizer step, as the loop drives it::
 
     micro = [method.sequences(b, ...) for b in next grad_accum batches]   # e.g. on-policy samples
+    stop = method.stop_reason()        # reduced over processes with the token count below
     normalizer = Σ method.count_tokens(b) over micro-batches and processes
     for b in micro: normalise(method.loss(student, teacher, b), normalizer).backward()
-    log row |= method.pop_stats();  raise if method.stop_reason() on any process
+    log row |= method.pop_stats();  raise if stop on any process
     held-out metrics |= method.evaluate(...)
 
 The optimizer trains the student's parameters and those of :meth:`Method.trainable_modules`
@@ -112,8 +113,9 @@ class Method:
         return {}
 
     def stop_reason(self) -> str | None:
-        """Checked after every optimizer step on every process: why the run must stop now (any
-        process's reason stops them all, before the next step), or None to go on."""
+        """Asked once a step's sequences are written, on every process: why the run must stop
+        (any process's reason stops them all once this step is logged, before it evaluates or
+        saves), or None to go on."""
         return None
 
     def evaluate(
