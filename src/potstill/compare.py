@@ -30,9 +30,9 @@ from potstill.metrics import (
     TEACHER_ITSELF,
     Context,
     Settings,
+    against_first,
     markdown_table,
     measure_draft,
-    verdict,
 )
 from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
 from potstill.prepare import load_data
@@ -160,9 +160,7 @@ def _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenize
 
 def _verdicts(students: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
     """A computed verdict for each student after the first, against the first."""
-    (first, base), *rest = students.items()
-    pick = (lambda m: {k: m[k] for k in keys if k in m}) if keys else (lambda m: m)
-    said = [f"- {verdict(name, pick(m), first, pick(base))}." for name, m in rest]
+    said = [f"- {sentence}" for sentence in against_first(students, keys)]
     return ["", *said] if said else []
 
 

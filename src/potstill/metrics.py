@@ -142,19 +142,33 @@ def present(rows: dict[str, dict[str, Any]], keys: Sequence[str]) -> list[str]:
     return [k for k in keys if any(_finite(r.get(k)) for r in rows.values())]
 
 
-def markdown_table(rows: dict[str, dict[str, Any]], keys: Sequence[str]) -> list[str]:
-    """A Markdown table with a row per model and a column per metric of ``keys`` that any row
-    has; "—" where a row lacks it. No lines when no row has any."""
+def table_cells(
+    rows: dict[str, dict[str, Any]], keys: Sequence[str]
+) -> tuple[list[str], list[list[str]]]:
+    """(header, body): a row per model and a column per metric of ``keys`` that any row has,
+    "—" where a row lacks it; no cells when no row has any."""
     keys = present(rows, keys)
     if not keys:
+        return [], []
+    header = ["model", *(METRICS[k].header + METRICS[k].arrow for k in keys)]
+    body = [[name, *(METRICS[k].show(row.get(k)) for k in keys)] for name, row in rows.items()]
+    return header, body
+
+
+def markdown_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_lines(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table, its first column left-aligned and the others right; none without rows."""
+    if not body:
         return []
-    lines = [
-        "| model | " + " | ".join(METRICS[k].header + METRICS[k].arrow for k in keys) + " |",
-        "|---|" + "---:|" * len(keys),
-    ]
-    for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(METRICS[k].show(row.get(k)) for k in keys) + " |")
-    return lines
+    return [markdown_row(header), "|---|" + "---:|" * (len(header) - 1), *map(markdown_row, body)]
+
+
+def markdown_table(rows: dict[str, dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """:func:`table_cells` as Markdown lines."""
+    return markdown_lines(*table_cells(rows, keys))
 
 
 def verdict(name: str, run: dict[str, Any], other_name: str, other: dict[str, Any]) -> str:
@@ -188,6 +202,14 @@ def verdict(name: str, run: dict[str, Any], other_name: str, other: dict[str, An
     if not better and worse:
         parts[0] = parts[0].replace("worse on", f"worse than {other_name} on", 1)
     return f"{name} is " + " ".join(parts)
+
+
+def against_first(rows: dict[str, dict[str, Any]], keys: Sequence[str] | None = None) -> list[str]:
+    """A verdict (a sentence, with its full stop) for each row after the first, against the
+    first, weighing only ``keys`` when given."""
+    (first, base), *rest = rows.items()
+    pick = (lambda m: {k: m[k] for k in keys if k in m}) if keys else (lambda m: m)
+    return [f"{verdict(name, pick(m), first, pick(base))}." for name, m in rest]
 
 
 def _listed(items: list[str]) -> str:

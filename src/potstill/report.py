@@ -39,10 +39,14 @@ from potstill.metrics import (
     TEACHER_ITSELF,
     Context,
     Settings,
+    against_first,
+    markdown_lines,
+    markdown_row,
     measure,
     present,
+    table_cells,
+    verdict,
 )
-from potstill.metrics import verdict as verdict_of
 
 # ----------------------------------------------------------------------------- runs
 
@@ -293,12 +297,9 @@ def verdicts(rows: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
     first."""
     said = []
     if "before training" in rows:
-        said += [
-            verdict_of(n, rows[n], "the student before training", rows["before training"])
-            for n in names
-        ]
-    said += [verdict_of(n, rows[n], names[0], rows[names[0]]) for n in names[1:]]
-    return [s + "." for s in said]
+        start = rows["before training"]
+        said += [f"{verdict(n, rows[n], 'the student before training', start)}." for n in names]
+    return said + against_first({n: rows[n] for n in names})
 
 
 def command_line(specs: list[str], output: Path, s: Settings) -> str:
@@ -408,13 +409,7 @@ class Doc:
             elif kind == "ul":
                 out.append("\n".join(f"- {item}" for item in rest[0]))
             elif kind == "table":
-                header, body = rest
-                out.append(
-                    "\n".join(
-                        ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-                        + ["| " + " | ".join(row) + " |" for row in body]
-                    )
-                )
+                out.append("\n".join(markdown_lines(*rest)))
             elif kind == "img":
                 out.append(f"![{rest[1]}]({files}/{rest[0]})")
             elif kind == "code":
@@ -511,13 +506,13 @@ def render(report: dict[str, Any], runs: list[Run]) -> Doc:
         f"supervised tokens from `{e['source']}` (the first run's recipe); teacher-forced metrics "
         f"per token, KL in nats.{generation}"
     )
-    doc.table(*_cells(rows, QUALITY))
+    doc.table(*table_cells(rows, QUALITY))
     if present(rows, DRAFT):
         doc.h(2, "As speculative-decoding drafts for the teacher")
         doc.p(
             f"γ = {s['gamma']} drafted tokens per target pass; measured on {s['draft_prompts']} held-out prompts."
         )
-        doc.table(*_cells(rows, DRAFT))
+        doc.table(*table_cells(rows, DRAFT))
     harness = {n: r["harness"] for n, r in rows.items() if r.get("harness")}
     if harness:
         doc.h(2, "lm-evaluation-harness")
@@ -540,7 +535,7 @@ def render(report: dict[str, Any], runs: list[Run]) -> Doc:
             + " (measured once per model and machine: `"
             + "speed.json` beside this page)."
         )
-    doc.table(*_cells(rows, COST))
+    doc.table(*table_cells(rows, COST))
     plots = training_plots(runs, rows.get("before training"))
     if plots:
         doc.h(2, "Training")
@@ -568,15 +563,6 @@ def render(report: dict[str, Any], runs: list[Run]) -> Doc:
 
 def _number(value: Any) -> str:
     return "—" if value is None else f"{value:.4g}"
-
-
-def _cells(rows: dict[str, dict[str, Any]], keys) -> tuple[list[str], list[list[str]]]:
-    keys = present(rows, keys)
-    if not keys:
-        return [], []
-    header = ["model", *(METRICS[k].header + METRICS[k].arrow for k in keys)]
-    body = [[name, *(METRICS[k].show(row.get(k)) for k in keys)] for name, row in rows.items()]
-    return header, body
 
 
 _BOOKKEEPING = {
@@ -667,10 +653,9 @@ def write_report(report: dict[str, Any], runs: list[Run], output: Path) -> None:
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    header, body = _cells(report["rows"], QUALITY)
+    header, body = table_cells(report["rows"], QUALITY)
     if body:
-        print("| " + " | ".join(header) + " |")
-        for row in body:
-            print("| " + " | ".join(row) + " |")
+        for cells in (header, *body):
+            print(markdown_row(cells))
     for line in report["verdicts"]:
         print(line)
