@@ -4,6 +4,7 @@ reverse-KL monitor, the vLLM sampler against a stand-in, and a few steps on the 
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import types
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from potstill.data import batch_prompts, collate, completion_batch, cut_at_stop, tokenize_records
-from potstill.errors import RecipeError
+from potstill.errors import GenerationError, RecipeError
 from potstill.generation.base import SamplingParams
 from potstill.generation.hf import HFBackend
 from potstill.losses import divergence
@@ -293,6 +294,57 @@ def test_a_few_steps_with_the_sampled_estimator(tmp_path, setup):
         recipe(tmp_path, "on_policy.estimator=sampled", "loss.kind=forward_kl")
     with pytest.raises(RecipeError, match="full or sampled"):
         recipe(tmp_path, "on_policy.estimator=k3")
+
+
+# --- MiniLLM's teacher-mixed sampling ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.7])
+def test_teacher_mixed_sampling_draws_from_the_mixture(tiny_chat_lm, alpha):
+    """The logits the backend samples at T are exactly the mixture (1 − α)·q_T + α·p_T."""
+    model, tok = tiny_chat_lm
+    guide = copy.deepcopy(model)
+    with torch.no_grad():
+        guide.lm_head.weight.mul_(-3.0)  # a guide that disagrees
+    backend = HFBackend(model, tok, guide=guide, guide_weight=alpha)
+    q, p = torch.randn(3, 40), torch.randn(3, 40)
+    for t in (0.7, 1.0, 1.5):
+        mixed = backend._mixed(q, p, t)  # what next_tokens divides by t and samples
+        naive = (1 - alpha) * torch.softmax(q / t, -1) + alpha * torch.softmax(p / t, -1)
+        torch.testing.assert_close(torch.softmax(mixed / t, -1), naive)
+    # the decode runs both caches row for row; a guide that is the model itself changes nothing
+    prompts = [backend.prompt_token_ids([{"role": "user", "content": c}]) for c in ("hi", "a b c")]
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
+    alone = HFBackend(model, tok).generate_ids(prompts, params)
+    assert (
+        HFBackend(model, tok, guide=model, guide_weight=alpha).generate_ids(prompts, params)
+        == alone
+    )
+    mixed_ids = backend.generate_ids(prompts, params)
+    assert mixed_ids != alone and all(1 <= len(s[0]) <= 10 for s in mixed_ids)
+    with pytest.raises(GenerationError, match="guide_weight"):
+        HFBackend(model, tok, guide_weight=0.5)
+
+
+def test_a_few_steps_with_teacher_mixed_sampling(tmp_path, setup):
+    tok, teacher, examples = setup
+    r = recipe(tmp_path, "on_policy.teacher_mix=0.5")
+    method = build_method(r, vocab_size=len(tok))
+    assert "teacher-mixed α=0.5" in method.describe()
+    student = prune_layers(teacher, [0, 3])
+    batch = collate(examples[:4], pad_token_id=tok.pad_token_id)
+    kw = dict(student=student, teacher=teacher, tokenizer=tok, step=1, index=0)
+    mixed = method.sequences(batch, **kw)["input_ids"]
+    alone = build_method(recipe(tmp_path), vocab_size=len(tok)).sequences(batch, **kw)["input_ids"]
+    assert not torch.equal(mixed, alone)  # the same draws, another distribution
+    result, _ = run(tmp_path / "run", setup, "train.max_steps=2", "on_policy.teacher_mix=0.5",
+                    eval_examples=examples[:2])  # fmt: skip
+    assert math.isfinite(result.history[0]["loss"]) and result.eval["own_reverse_kl"] > 0
+    for bad, match in (("on_policy.teacher_mix=1", r"\[0, 1\)"),
+                       ("on_policy.estimator=sampled", r"on_policy\.estimator=full"),
+                       ("on_policy.engine=vllm", r"on_policy\.engine=hf")):  # fmt: skip
+        with pytest.raises(RecipeError, match=match):
+            recipe(tmp_path, "on_policy.teacher_mix=0.5", bad)
 
 
 def test_own_reverse_kl_is_monitored_for_any_objective(tmp_path, setup):

@@ -389,6 +389,12 @@ class OnPolicySpec:
         "0, a live teacher)",
         "full",
     )
+    teacher_mix: float = doc(
+        "MiniLLM's teacher-mixed sampling: the student's batches are sampled from "
+        "(1 − α)·student + α·teacher at every token, α = this (0: the student alone); needs "
+        "engine hf, a live teacher and estimator full",
+        0.0,
+    )
     collapse_distinct2: float = doc(
         "collapse guard: a sampled batch whose distinct-2 (distinct token pairs / pairs, over its "
         "samples) is below this counts as collapsed",
@@ -921,6 +927,24 @@ def validate_on_policy(r: Recipe) -> None:
                 "on_policy.estimator=sampled estimates reverse KL at T=1 from a live teacher's "
                 f"log-probabilities of the sampled tokens; set {', '.join(missing)} "
                 "(or on_policy.estimator=full)"
+            )
+    if not 0 <= o.teacher_mix < 1:
+        raise RecipeError(
+            f"`on_policy.teacher_mix` is the teacher's share α of the sampling mixture, in "
+            f"[0, 1) (1 would be the teacher's own samples: on_policy.seq_kd), got {o.teacher_mix}"
+        )
+    if o.teacher_mix and r.method == "on_policy":
+        needs = {
+            "on_policy.engine=hf": o.engine == "hf",
+            "teacher.source=live": r.teacher.source == "live",
+            "on_policy.estimator=full": o.estimator == "full",
+        }
+        missing = [k for k, ok in needs.items() if not ok]
+        if missing:
+            raise RecipeError(
+                "on_policy.teacher_mix samples each token from a mixture of the student's and a "
+                f"live teacher's distributions in this process; set {', '.join(missing)} "
+                "(or on_policy.teacher_mix=0)"
             )
     for key in ("collapse_distinct2", "collapse_repetition"):
         if not 0 <= getattr(o, key) <= 1:

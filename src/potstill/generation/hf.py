@@ -36,6 +36,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -313,6 +314,8 @@ class HFBackend:
         device: str | None = None,
         stop_token_ids: Sequence[int] = (),  # extra ids that end a completion, besides EOS
         compile: bool = False,  # torch.compile the decode step (static cache; see static_decode)
+        guide: nn.Module | None = None,  # a second model of the same vocabulary mixed in …
+        guide_weight: float = 0.0,  # … with this weight α: sample from (1 − α)·q + α·p_guide
     ) -> None:
         from potstill.models import load_model, load_tokenizer
 
@@ -350,6 +353,13 @@ class HFBackend:
         self._token_text: dict[int, str] = {}  # id -> decoded text, for logprobs
         self.compile = bool(compile)
         self._static: StaticDecoder | None = None  # built on the first compiled batch
+        if not 0.0 <= guide_weight <= 1.0 or (guide_weight > 0) != (guide is not None):
+            raise GenerationError(
+                f"guide_weight must be in [0, 1] and above 0 exactly when a guide model is given; "
+                f"got {guide_weight} with {'a' if guide is not None else 'no'} guide"
+            )
+        self.guide = guide.eval() if guide is not None else None
+        self.guide_weight = float(guide_weight)
 
     # --- the Backend protocol -----------------------------------------------------------------
 
@@ -467,7 +477,17 @@ class HFBackend:
             kv = _GrowingRows(
                 self.model, [r.prompt_ids for r in rows], self.pad_id, self._keeps_last_logits
             )
+        guide = None
+        if self.guide is not None:  # the mixed-in model keeps a cache of its own, row for row
+            guide = _GrowingRows(
+                self.guide,
+                [r.prompt_ids for r in rows],
+                self.pad_id,
+                "logits_to_keep" in inspect.signature(self.guide.forward).parameters,
+            )
         logits = kv.logits  # (B, V) float32
+        if guide is not None:
+            logits = self._mixed(logits, guide.logits, params.temperature)
         live = list(rows)  # the rows still decoding, in batch order
         generators = [
             torch.Generator().manual_seed(sample_seed(params.seed, r.prompt_ids, r.sample))
@@ -500,11 +520,30 @@ class HFBackend:
             if len(keep) < len(live):
                 index = torch.tensor(keep, device=chosen.device)
                 kv.keep(index)
+                if guide is not None:
+                    guide.keep(index)
                 chosen = chosen[index]
                 live = [live[j] for j in keep]
                 generators = [generators[j] for j in keep]
             # 4) one more token for the live rows
             logits = kv.step(chosen)  # (B, V)
+            if guide is not None:
+                logits = self._mixed(logits, guide.step(chosen), params.temperature)
+
+    def _mixed(self, logits: Tensor, guide_logits: Tensor, temperature: float) -> Tensor:
+        """The log of the mixture (1 − α)·softmax(logits / T) + α·softmax(guide_logits / T) over
+        the vocabulary both score (MiniLLM's teacher-mixed sampling, Gu et al. 2024), scaled so
+        that :func:`next_tokens` at ``temperature`` samples the mixture itself. Greedy (T=0)
+        takes the mixture of the untempered distributions. (B, V) -> (B, v), float32."""
+        v = min(logits.shape[-1], guide_logits.shape[-1])
+        t = temperature or 1.0
+        a = self.guide_weight
+        own = math.log1p(-a) if a < 1 else -math.inf
+        mixed = torch.logaddexp(
+            torch.log_softmax(logits[:, :v] / t, dim=-1) + own,
+            torch.log_softmax(guide_logits[:, :v] / t, dim=-1) + math.log(a),
+        )  # (B, v)
+        return mixed * t
 
     def _find_stop(self, row: _Row, stop: Sequence[str]) -> int:
         # The whole completion is decoded again each step: a stop string can span tokens, and

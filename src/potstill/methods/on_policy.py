@@ -9,7 +9,10 @@ on those very prefixes.
 Sequences: a share λ (``on_policy.lmbda``) of micro-batches gets completions the student samples
 for the batch's prompts (KV-cached, eval mode, ``on_policy.sampling_temperature``); the others
 keep the data's completions, or, with ``on_policy.seq_kd``, get the teacher's own samples (written
-only for those batches). A row's prompt is every token before its first supervised one.
+only for those batches). A row's prompt is every token before its first supervised one. With
+``on_policy.teacher_mix`` α > 0 the student's batches are drawn from (1 − α)·student + α·teacher,
+token by token (MiniLLM's teacher-mixed sampling); the objective needs no importance weight, as
+the mixture only picks the prefixes the full divergence is taken on.
 Teacher signal: the live teacher's distributions on those sequences, as in ``token_level``.
 Objective: ``token_level``'s (this method holds one :class:`TokenLevel` and asks it for the loss),
 fused and chunked, at ``loss.kd_temperature``; the default is
@@ -67,6 +70,8 @@ class Sampler:
         *,
         dtype: torch.dtype | None,
         sync: bool = True,
+        guide: nn.Module | None = None,
+        guide_weight: float = 0.0,
         **kw,
     ):
         self.source, self.sync = model, sync
@@ -74,7 +79,9 @@ class Sampler:
         self.twin = None
         if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
             self.twin = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-        self.backend = HFBackend(self.twin or model, tokenizer, **kw)  # puts its model in eval
+        self.backend = HFBackend(  # puts its model in eval
+            self.twin or model, tokenizer, guide=guide, guide_weight=guide_weight, **kw
+        )
         model.train(was_training)
         self.stop_ids = self.backend.eos_ids
 
@@ -111,6 +118,7 @@ class OnPolicy(Method, name="on_policy"):
     seed: int = 0
     sample_dtype: torch.dtype | None = None  # bf16 twin under bf16 training; None: the model
     estimator: str = "full"  # full | sampled (on_policy.estimator)
+    teacher_mix: float = 0.0  # α of MiniLLM's sampling mixture (1 − α)·student + α·teacher
     collapse_distinct2: float = 0.1  # the collapse guard (on_policy.collapse_*)
     collapse_repetition: float = 0.8
     collapse_patience: int = 3
@@ -138,6 +146,7 @@ class OnPolicy(Method, name="on_policy"):
             f"on_policy ({mix}, sampling T={self.sampling_temperature}, top_p={self.top_p}, "
             f"≤{self.max_new_tokens} new tokens, engine {self.engine}"
             + (", sampled reverse-KL estimator" if self.estimator == "sampled" else "")
+            + (f", teacher-mixed α={self.teacher_mix}" if self.teacher_mix else "")
             + (", compiled decoding" if self.compile_decode and self.engine == "hf" else "")
             + "); "
             + self.kd.describe().removeprefix("token_level: ")
@@ -161,6 +170,7 @@ class OnPolicy(Method, name="on_policy"):
             seed=r.train.seed,
             sample_dtype=autocast_dtype(r.train.precision),
             estimator=o.estimator,
+            teacher_mix=o.teacher_mix,
             collapse_distinct2=o.collapse_distinct2,
             collapse_repetition=o.collapse_repetition,
             collapse_patience=o.collapse_patience,
@@ -169,25 +179,33 @@ class OnPolicy(Method, name="on_policy"):
 
     # --- sequences ------------------------------------------------------------------------------
 
-    def sampler(self, who: str, model: nn.Module, tokenizer: Any) -> Sampler:
-        if who not in self.samplers:
+    def sampler(
+        self, who: str, model: nn.Module, tokenizer: Any, guide: nn.Module | None = None
+    ) -> Sampler:
+        """The sampler of ``who`` (student | teacher), mixing in ``guide`` (the teacher, at
+        ``teacher_mix``) when one is given: a sampler of its own, so held-out samples stay the
+        student's alone."""
+        key = who if guide is None else f"{who}+guide"
+        if key not in self.samplers:
             if self.engine == "vllm":
                 from potstill.generation.vllm_engine import VLLMSampler
 
-                self.samplers[who] = VLLMSampler(
+                self.samplers[key] = VLLMSampler(
                     model, tokenizer, stop_token_ids=self.stop_token_ids, sync=who == "student"
                 )
             else:
-                self.samplers[who] = Sampler(
+                self.samplers[key] = Sampler(
                     model,
                     tokenizer,
                     dtype=self.sample_dtype,
                     sync=who == "student",
+                    guide=guide,
+                    guide_weight=self.teacher_mix if guide is not None else 0.0,
                     batch_size=64,
                     stop_token_ids=self.stop_token_ids,
                     compile=self.compile_decode,
                 )
-        return self.samplers[who]
+        return self.samplers[key]
 
     def params(self, *key: Any) -> SamplingParams:
         seed = random.Random(":".join(map(str, (self.seed, *key)))).getrandbits(62)
@@ -221,7 +239,8 @@ class OnPolicy(Method, name="on_policy"):
             return batch  # off-policy: the data's own completions
         prompts = batch_prompts(batch, self.kd.ignore_index)
         t0 = time.perf_counter()
-        completions = self.sampler(writer, model, tokenizer).sample(
+        guide = teacher if writer == "student" and self.teacher_mix else None
+        completions = self.sampler(writer, model, tokenizer, guide).sample(
             prompts, self.params(step, index, writer)
         )
         s[f"{writer}_seconds"] = s.get(f"{writer}_seconds", 0.0) + time.perf_counter() - t0
