@@ -170,6 +170,52 @@ def test_the_report_card_of_two_runs(two_runs, capsys):
     assert out.with_suffix(".json").read_text() == first
 
 
+def test_the_report_card_measures_a_general_copy_on_other_kinds_of_text(two_runs, tmp_path):
+    from potstill.cli import main
+    from potstill.metrics import GENERAL
+
+    out = tmp_path / "card.html"
+    argv = ["report", f"KD={two_runs / 'token_level'}", "-o", str(out), "--no-generation",
+            "--no-speed", "--general", "2"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = report["rows"]
+    assert GENERAL == ("kl_prose", "kl_docs", "kl_code", "kl_maths")
+    assert all(rows["teacher"][k] == 0.0 for k in GENERAL)  # the teacher against itself
+    for name in ("before training", "KD"):
+        assert all(math.isfinite(rows[name][k]) and rows[name][k] > 0 for k in GENERAL), name
+    assert report["command"].endswith("--general 2")
+    md = out.with_suffix(".md").read_text()
+    assert "## A general copy? Text of other kinds" in md and "| prose KL ↓ |" in md
+    line = next(x for x in md.splitlines() if x.startswith("- KD removes "))
+    # the share removed is computed from the two rows' figures
+    share = 1 - rows["KD"]["kl_prose"] / rows["before training"]["kl_prose"]
+    assert f"{share:.0%} on held-out prose" in line and line.endswith("before training had.")
+
+
+def test_general_text_holds_out_whole_modules_and_plays_in_equal_shares():
+    from potstill.data.bundled import GENERAL_KINDS, general_records, python_records
+
+    held = general_records("eval", chunk_chars=800, limit=12)
+    assert [r["kind"] for r in held] == list(GENERAL_KINDS) * 3
+    train = general_records("train", chunk_chars=800, limit=None)
+    assert {k: sum(r["kind"] == k for r in train) for k in GENERAL_KINDS} == dict.fromkeys(
+        GENERAL_KINDS, len(train) // 4
+    )
+    for kind in ("code", "docs"):
+        a, b = python_records("train", kind=kind), python_records("eval", kind=kind)
+        assert len(b) > 20 and len(a) > 5 * len(b)
+        assert not {r["module"] for r in a} & {r["module"] for r in b}
+        assert all(200 <= len(r["text"]) <= 1500 for r in b)
+    assert "def " in " ".join(r["text"] for r in python_records("eval", kind="code")[:20])
+    docs = " ".join(r["text"] for r in python_records("eval", kind="docs")[:20])
+    assert "def " not in docs and len(docs.split()) > 500  # English about code, not code
+    def key(r):  # maths records are chats, the others text
+        return r.get("text") or json.dumps(r["messages"])
+
+    assert not {key(r) for r in train} & {key(r) for r in held}
+
+
 def test_report_refuses_what_is_not_a_finished_run(tmp_path):
     from potstill.errors import RecipeError
     from potstill.report import parse_runs
@@ -262,7 +308,9 @@ def test_the_demo_ends_with_the_report_card_of_its_runs(tmp_path, smollm2_dir, m
     """The demo on the bundled pair at a tiny budget: both students trained, then the card."""
     from potstill import demo
 
-    monkeypatch.setattr(demo, "DEMO_REPORT", Settings(prompts=2, max_new_tokens=12, speed=False))
+    monkeypatch.setattr(
+        demo, "DEMO_REPORT", Settings(prompts=2, max_new_tokens=12, speed=False, general=1)
+    )
     overrides = [f"teacher.model={smollm2_dir}", "train.max_tokens=600", "data.max_eval_records=4",
                  "train.eval_every=0", "train.save_every=0", "train.precision=fp32"]  # fmt: skip
     metrics = demo.run_demo(tmp_path, overrides)

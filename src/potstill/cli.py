@@ -127,6 +127,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         speed=args.speed,
         speculative=args.speculative,
+        general=args.general,
         harness_tasks=tuple(t for t in (args.lm_eval or "").split(",") if t),
         harness_include=args.lm_eval_include,
         harness_limit=args.lm_eval_limit,
@@ -317,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="measure greedy decoding tokens/s, batch 1 and batched (default: on)",
+    )
+    p.add_argument(
+        "--general",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure the teacher KL on the first N held-out records of each kind of "
+        "bundled:general text (prose, docs, code, maths): how general a copy each student is "
+        "(default: 0, off)",
     )
     p.add_argument(
         "--speculative",

@@ -14,6 +14,8 @@ Measurements:
                 fixed seeds: task accuracy checked by :func:`potstill.verify.verify` where the
                 records carry an ``answer``; the sampled completions' diversity (distinct-2,
                 repetition) and reverse KL to the teacher (:func:`~potstill.evaluate.score_own_samples`)
+    general     teacher-forced teacher KL on held-out text of each kind of ``bundled:general``
+                (prose, documentation, code, worked maths): how general a copy the student is
     draft       as a speculative-decoding draft for the teacher: acceptance expected from
                 held-out TVD, and measured by real decoding (:mod:`potstill.speculative`)
     size        parameters, bytes of the saved model, bytes of an exported GGUF
@@ -34,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from potstill.data.bundled import GENERAL_CHUNK_CHARS, GENERAL_KINDS
+
 # What a measurement may need, and what provides it.
 NEEDS = {
     "held_out": "a tokenised held-out set with supervised tokens",
@@ -47,6 +51,8 @@ NEEDS = {
     "speed": "speed measuring on",
     "training_log": "the run's metrics.jsonl",
     "harness": "lm-evaluation-harness tasks asked for (the lmeval extra)",
+    "general": "a teacher sharing the vocabulary, and --general N (held-out bundled:general "
+    "text of each kind)",
 }
 
 
@@ -101,6 +107,16 @@ METRICS: dict[str, Metric] = {
            "{:.2f}", "generation", False),
         _m("own_sample_tokens", "own sample tokens", "own sample length", None, "{:.0f}",
            "generation", False),
+        # a general copy: the teacher KL on held-out text of other kinds (bundled:general);
+        # the report words it as the share of the start's KL removed, not in verdicts
+        _m("kl_prose", "prose KL", "teacher KL on held-out prose", "lower", "{:.3f}", "general",
+           False),
+        _m("kl_docs", "docs KL", "teacher KL on held-out documentation", "lower", "{:.3f}",
+           "general", False),
+        _m("kl_code", "code KL", "teacher KL on held-out code", "lower", "{:.3f}", "general",
+           False),
+        _m("kl_maths", "maths KL", "teacher KL on held-out worked maths", "lower", "{:.3f}",
+           "general", False),
         _m("acceptance", "acceptance T=1", "expected draft acceptance", "higher", "{:.1%}",
            "draft"),
         _m("spec_tokens_per_pass_greedy", "tokens/pass greedy", "measured tokens per target pass",
@@ -126,6 +142,7 @@ TEACHER_ITSELF = {"teacher_kl": 0.0, "teacher_reverse_kl": 0.0, "top1_agreement"
 
 # The groups a report card tables separately.
 QUALITY = tuple(k for k, m in METRICS.items() if m.measurement in ("held_out", "generation"))
+GENERAL = tuple(k for k, m in METRICS.items() if m.measurement == "general")
 DRAFT = tuple(k for k, m in METRICS.items() if m.measurement == "draft")
 COST = tuple(k for k, m in METRICS.items() if m.measurement in ("size", "speed", "training"))
 
@@ -230,6 +247,7 @@ class Settings:
     speed: bool = True
     speed_new_tokens: int = 32  # per prompt, greedy
     speed_batch: int = 8  # prompts decoded together for the batched figure
+    general: int = 0  # held-out records of each kind of bundled:general text (0: not measured)
     speculative: bool = False  # every model also as a draft for the teacher
     gamma: int = 4  # drafted tokens per target pass
     draft_prompts: int = 4
@@ -255,6 +273,7 @@ class Context:
     model_dir: Path | None = None
     run_dir: Path | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # the run's metrics.jsonl rows
+    general: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)  # kind: batches
     speed_cache: Callable[[Callable[[], dict]], dict] | None = None  # see :func:`measure_speed`
 
     def has(self, need: str) -> bool:
@@ -270,6 +289,7 @@ class Context:
             "speed": s.speed,
             "training_log": bool(self.history),
             "harness": bool(s.harness_tasks),
+            "general": bool(self.general),
         }[need]
 
 
@@ -340,6 +360,66 @@ def measure_generation(c: Context) -> dict[str, Any]:
             texts = [c.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
             out[f"task_accuracy_{mode}"], out["task_prompts"] = task_accuracy(records, texts)
     return out
+
+
+def general_batches(
+    tokenizer, records: int, *, max_length: int, batch_size: int
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """The first ``records`` held-out records of each kind of ``bundled:general``, collated."""
+    from potstill.data.bundled import general_records
+    from potstill.data.tokenize import tokenize_records
+    from potstill.train import fixed_batches
+    from potstill.utils import pad_token_id
+
+    held = general_records("eval", chunk_chars=GENERAL_CHUNK_CHARS, limit=4 * records)
+    out = {}
+    for kind in GENERAL_KINDS:
+        examples, _ = tokenize_records(
+            [r for r in held if r["kind"] == kind], tokenizer, max_length=max_length
+        )
+        out[kind] = fixed_batches(examples, batch_size=batch_size, pad_id=pad_token_id(tokenizer))
+    return out
+
+
+def measure_general(c: Context) -> dict[str, Any]:
+    """The teacher KL on each kind of general text (nothing for the teacher's own row, which
+    the report fills with zeros, or a model of another vocabulary)."""
+    from potstill.evaluate import evaluate
+
+    if c.teacher is None:
+        return {}
+    return {
+        f"kl_{kind}": evaluate(
+            c.model,
+            batches,
+            teacher=c.teacher,
+            vocab_size=c.vocab_size,
+            autocast_dtype=c.autocast_dtype,
+            progress=True,
+            desc=f"general: {kind}",
+        )["teacher_kl"]
+        for kind, batches in c.general.items()
+    }
+
+
+def removed(rows: dict[str, dict[str, Any]], keys: Sequence[str], start: str) -> list[str]:
+    """For each row but ``start``'s and the teacher's: the share of the start's value of each
+    of ``keys`` it removed, e.g. "KD removes 83% of the start's teacher KL on held-out prose"."""
+    base = rows.get(start)
+    if base is None:
+        return []
+    lines = []
+    for name, row in rows.items():
+        if name in (start, "teacher"):
+            continue
+        shares = [
+            f"{1 - row[k] / base[k]:.0%} on {METRICS[k].words.removeprefix('teacher KL on ')}"
+            for k in keys
+            if _finite(row.get(k)) and _finite(base.get(k)) and base[k] > 0
+        ]
+        if shares:
+            lines.append(f"{name} removes {_listed(shares)} of the teacher KL {start} had.")
+    return lines
 
 
 def task_accuracy(records: Sequence[dict], texts: Sequence[str]) -> tuple[float, int]:
@@ -458,6 +538,7 @@ def measure_harness(c: Context) -> dict[str, Any]:
 MEASUREMENTS = (
     Measurement("held_out", ("held_out",), measure_held_out),
     Measurement("generation", ("prompts",), measure_generation),
+    Measurement("general", ("general",), measure_general),
     Measurement("draft", ("held_out", "teacher", "draft"), measure_draft),
     Measurement("size", (), measure_size),
     Measurement("speed", ("held_out", "speed"), measure_speed),

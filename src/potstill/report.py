@@ -34,16 +34,19 @@ from potstill.errors import RecipeError
 from potstill.metrics import (
     COST,
     DRAFT,
+    GENERAL,
     METRICS,
     QUALITY,
     TEACHER_ITSELF,
     Context,
     Settings,
     against_first,
+    general_batches,
     markdown_lines,
     markdown_row,
     measure,
     present,
+    removed,
     table_cells,
     verdict,
 )
@@ -162,6 +165,13 @@ def build_report(
         autocast_dtype=autocast_dtype(first.train.precision),
         byte_lengths=token_byte_lengths(tokenizer),
     )
+    if settings.general:
+        common["general"] = general_batches(
+            tokenizer,
+            settings.general,
+            max_length=first.data.max_length,
+            batch_size=first.train.batch_size,
+        )
     speed = SpeedCache(files / "speed.json")
     rows: dict[str, dict[str, Any]] = {}
     teacher_name = first.teacher.model
@@ -176,7 +186,8 @@ def build_report(
         row = measure(
             Context(model=teacher, speed_cache=speed.bind(f"teacher {teacher_name}"), **common)
         )
-        rows["teacher"] = {**TEACHER_ITSELF, **row}
+        itself = {k: 0.0 for k in GENERAL} if settings.general else {}
+        rows["teacher"] = {**TEACHER_ITSELF, **itself, **row}
         teacher_tokenizer = load_tokenizer(
             teacher_name, trust_remote_code=first.teacher.trust_remote_code
         )
@@ -313,6 +324,8 @@ def command_line(specs: list[str], output: Path, s: Settings) -> str:
         flags.append(f"--max-new-tokens {s.max_new_tokens}")
     if not s.speed:
         flags.append("--no-speed")
+    if s.general:
+        flags.append(f"--general {s.general}")
     if s.speculative:
         flags.append("--speculative")
     if s.harness_tasks:
@@ -507,6 +520,16 @@ def render(report: dict[str, Any], runs: list[Run]) -> Doc:
         f"per token, KL in nats.{generation}"
     )
     doc.table(*table_cells(rows, QUALITY))
+    if present(rows, GENERAL):
+        doc.h(2, "A general copy? Text of other kinds")
+        doc.p(
+            f"Teacher KL (nats per token) on the first {s['general']} held-out records of each "
+            "kind of `bundled:general`: prose (Shakespeare's held-out plays), documentation (the "
+            "docstrings of held-out Python modules), code (their source) and worked maths "
+            "(gsm_symbolic), whatever the runs trained on."
+        )
+        doc.table(*table_cells(rows, GENERAL))
+        doc.items(removed(rows, GENERAL, "before training"))
     if present(rows, DRAFT):
         doc.h(2, "As speculative-decoding drafts for the teacher")
         doc.p(
@@ -657,5 +680,10 @@ def print_summary(report: dict[str, Any]) -> None:
     if body:
         for cells in (header, *body):
             print(markdown_row(cells))
+    header, body = table_cells(report["rows"], GENERAL)
+    for cells in (header, *body) if body else ():
+        print(markdown_row(cells))
+    for line in removed(report["rows"], GENERAL, "before training"):
+        print(line)
     for line in report["verdicts"]:
         print(line)

@@ -5,16 +5,23 @@
     bundled:rg/TASK                       chat records from a reasoning-gym task (Apache-2.0),
                                           generated on the fly; options: size, seed, and any field
                                           of the task's config (e.g. rg/basic_arithmetic?max_terms=3)
+    bundled:python                        text records from the running Python's standard library
+                                          (PSF licence): kind=code (source) or kind=docs (its
+                                          docstrings, i.e. English documentation); chunk_chars
+    bundled:general                       a round-robin mix of four kinds of text: prose
+                                          (Shakespeare), documentation and code (bundled:python),
+                                          worked maths (rg/gsm_symbolic chat); chunk_chars (800)
 
 Nothing here touches the network. Train and held-out splits never share text: Shakespeare holds
 out whole plays, reasoning-gym draws each split from its own seed and its own half of question
-space (see `_split_of`).
+space (see `_split_of`), the Python library holds out whole modules (`_python_split`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,7 @@ from potstill.errors import DataError
 
 EVAL_SPLITS = ("eval", "validation", "valid", "val", "dev", "test")  # held-out split names
 
-BUNDLED = ("shakespeare", "rg/<task>")  # for error messages and docs
+BUNDLED = ("shakespeare", "rg/<task>", "python", "general")  # for error messages and docs
 
 # Shakespeare: whole plays held out for every held-out split, so eval text is unseen in training.
 SHAKESPEARE_EVAL_PLAYS = ("macbeth", "the-tempest", "twelfth-night")
@@ -46,6 +53,15 @@ def load_bundled(name: str, *, split: str, limit: int | None) -> list[dict]:
         _no_options_left(options, base, allowed=["chunk_chars"])
         records = shakespeare_records(split_kind, chunk_chars=chunk_chars)
         return records[:limit]
+    if base == "python":
+        kind = options.pop("kind", "code")
+        chunk_chars = int(options.pop("chunk_chars", SHAKESPEARE_CHUNK_CHARS))
+        _no_options_left(options, base, allowed=["kind", "chunk_chars"])
+        return python_records(split_kind, kind=kind, chunk_chars=chunk_chars)[:limit]
+    if base == "general":
+        chunk_chars = int(options.pop("chunk_chars", GENERAL_CHUNK_CHARS))
+        _no_options_left(options, base, allowed=["chunk_chars"])
+        return general_records(split_kind, chunk_chars=chunk_chars, limit=limit)
     if base.startswith("rg/") and len(base) > 3:
         return reasoning_gym_records(base[3:], split_kind, limit=limit, **options)
     raise DataError(
@@ -184,6 +200,98 @@ def _last_speech_start(lines: list[str], *, min_index: int) -> int:
         if lines[i - 1] == "" and lines[i]:
             return i
     return len(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python standard library: code and its documentation, on every machine that runs potstill
+
+PYTHON_KINDS = ("code", "docs")
+PYTHON_SKIP = ("test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__")
+PYTHON_EVAL_SHARE = 26  # of 256: about 10% of the modules are held out, whole
+
+
+def python_records(
+    split: str, *, kind: str, chunk_chars: int = SHAKESPEARE_CHUNK_CHARS
+) -> list[dict]:
+    """Text records of about `chunk_chars` characters from the standard library's modules.
+
+    kind=code: each module's source; kind=docs: the module's, its classes' and its functions'
+    docstrings, one paragraph each. Held-out modules are picked by a hash of their path, so the
+    splits never share a module; records come in a seeded shuffle, so a `limit` spreads over many
+    modules. The text is that of the running Python (figures name its version).
+    """
+    import sysconfig
+
+    if kind not in PYTHON_KINDS:
+        raise DataError(f"bundled:python: kind must be one of {PYTHON_KINDS}, not {kind!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    records = []
+    for path in sorted(root.rglob("*.py")):
+        name = path.relative_to(root).as_posix()
+        if any(part in PYTHON_SKIP or part.startswith("test_") for part in name.split("/")):
+            continue
+        if _python_split(name) != split:
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        text = source if kind == "code" else _docstrings(source)
+        for chunk in chunk_lines(text, chunk_chars) if text else []:
+            if len(chunk) >= 200:  # a lone short line teaches and measures little
+                records.append({"text": chunk, "module": name})
+    random.Random(0).shuffle(records)
+    return records
+
+
+def _python_split(name: str) -> str:
+    return "eval" if hashlib.sha256(name.encode()).digest()[0] < PYTHON_EVAL_SHARE else "train"
+
+
+def _docstrings(source: str) -> str:
+    """The docstrings of a module, its classes and functions, as blank-line-separated paragraphs."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc and len(doc) >= 80:
+                docs.append(inspect.cleandoc(doc))
+    return "\n\n".join(docs)
+
+
+# ---------------------------------------------------------------------------------------------
+# A general mix: the kinds of text a general copy of a chat model must predict
+
+GENERAL_CHUNK_CHARS = 800  # ~200-250 tokens of prose, docs or code: fits a 256-token context
+GENERAL_MATHS = "gsm_symbolic"
+GENERAL_KINDS = ("prose", "docs", "code", "maths")
+
+
+def general_records(split: str, *, chunk_chars: int, limit: int | None) -> list[dict]:
+    """Prose, documentation, code and worked maths in equal shares, one record of each in turn.
+
+    Each record keeps a "kind" field (prose | docs | code | maths); the held-out split holds out
+    the same whole plays, modules and question halves as the sources it mixes.
+    """
+    per_kind = None if limit is None else -(-limit // 4)
+    prose = shakespeare_records(split, chunk_chars=chunk_chars)
+    random.Random(0).shuffle(prose)  # plays in turn, not one play first
+    parts = {  # in GENERAL_KINDS order
+        "prose": prose[:per_kind],
+        "docs": python_records(split, kind="docs", chunk_chars=chunk_chars)[:per_kind],
+        "code": python_records(split, kind="code", chunk_chars=chunk_chars)[:per_kind],
+        "maths": reasoning_gym_records(GENERAL_MATHS, split, limit=per_kind),
+    }
+    n = min(len(p) for p in parts.values())  # equal shares, however the trainer shuffles
+    records = [{**part[i], "kind": kind} for i in range(n) for kind, part in parts.items()]
+    return records[:limit]
 
 
 # ---------------------------------------------------------------------------------------------
