@@ -210,6 +210,7 @@ def test_general_text_holds_out_whole_modules_and_plays_in_equal_shares():
     assert "def " in " ".join(r["text"] for r in python_records("eval", kind="code")[:20])
     docs = " ".join(r["text"] for r in python_records("eval", kind="docs")[:20])
     assert "def " not in docs and len(docs.split()) > 500  # English about code, not code
+
     def key(r):  # maths records are chats, the others text
         return r.get("text") or json.dumps(r["messages"])
 
