@@ -94,8 +94,9 @@ def run_cache(r: Recipe) -> dict[str, Any]:
 
     else:
         teacher = load_model(
-            r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code
-        )
+            r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code,
+            allow_pickle=r.teacher.allow_pickle,
+        )  # fmt: skip
         teacher.requires_grad_(False).eval().to(device)
         rows = teacher.get_output_embeddings().weight.shape[0]
     vocab_size = check_vocab_compatible(

@@ -516,6 +516,7 @@ def build_backend(r: Recipe) -> Backend:
             dtype=r.teacher.dtype,
             batch_size=g.batch_size * g.n,  # one backend call = one decode batch of rows
             trust_remote_code=r.teacher.trust_remote_code,
+            allow_pickle=r.teacher.allow_pickle,
         )
     from potstill.generation.vllm_engine import VLLMBackend
 
@@ -601,6 +602,8 @@ def _run(
 ) -> GenerateReport:
     teacher = backend.teacher_id
     settings = settings_key(g, teacher)
+    existed = output.exists()
+    new_dirs = [d for d in (output.parent, *output.parent.parents) if not d.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     lines = resume(output, items, settings)
     output.touch()  # exists even when nothing is kept, so `potstill train` says "no records"
@@ -652,6 +655,14 @@ def _run(
                         f"{len(batch)} prompts × n={g.n}"
                     )
             except GenerationError as e:
+                if not lines and not existed:  # nothing done: leave nothing behind
+                    output.unlink(missing_ok=True)
+                    for d in new_dirs:  # deepest first
+                        if d.is_dir() and not any(d.iterdir()):
+                            d.rmdir()
+                    raise GenerationError(
+                        f"generation stopped before any prompt was done: {e}"
+                    ) from e
                 kept = sum(line["kept"] for line in lines)
                 report()
                 raise GenerationError(

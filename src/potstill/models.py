@@ -82,6 +82,12 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
 
 
 def _load_error(kind: str, name: str, err: Exception) -> ModelLoadError:
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return ModelLoadError(
+            f"{name!r} has no config.json: not a Hugging Face model folder; point at a folder "
+            "with config.json, the tokenizer and model.safetensors, a .gguf file or bundled:NAME"
+        )
     return ModelLoadError(f"could not load the {kind} of {name!r} ({err}); {SUGGESTION}")
 
 
@@ -99,26 +105,64 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
 
 def load_model(
-    name: str, *, dtype: str = "float32", trust_remote_code: bool = False, encoder: bool = False
+    name: str,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    encoder: bool = False,
+    allow_pickle: bool = False,
 ) -> PreTrainedModel:
     """A causal LM from a model name, on the CPU, in ``dtype`` (float32/bfloat16/float16/auto);
-    with ``encoder``, the bare encoder (``AutoModel``: e.g. a BERT sentence encoder's body)."""
+    with ``encoder``, the bare encoder (``AutoModel``: e.g. a BERT sentence encoder's body).
+
+    Weights load from safetensors (or GGUF) only: a pickle checkpoint (``pytorch_model.bin``) can
+    run code as it loads, so it is refused unless ``allow_pickle``."""
+    from safetensors import SafetensorError
+
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path, gguf_file = resolve_model_path(name)
     if gguf_file is None and (Path(path) / "adapter_config.json").is_file():
-        return _load_adapter(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return _load_adapter(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
+    if gguf_file is None and not allow_pickle:
+        _refuse_pickle(path, name)
+    safe = {} if gguf_file or allow_pickle else {"use_safetensors": True}
     try:
         from transformers import AutoModel, AutoModelForCausalLM  # here: it imports Accelerate
 
         model = (AutoModel if encoder else AutoModelForCausalLM).from_pretrained(
-            path, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
+            path, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+            **safe,
+        )  # fmt: skip
     except ModelLoadError:
         raise
+    except SafetensorError as err:  # e.g. a download cut short
+        raise ModelLoadError(
+            f"the weights of {name!r} are incomplete or corrupt ({err}); download or save the "
+            "model again"
+        ) from err
     except (OSError, ValueError) as err:
         raise _load_error("model", name, err) from err
     return drop_gguf_quantizer(model) if gguf_file else model
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle(path: str, name: str) -> None:
+    """A local folder whose only weights are pickles: refuse it, naming the way out."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{name!r} holds its weights only as a pickle ({', '.join(pickles[:3])}), which can "
+            "run code when loaded: save it as safetensors (model.save_pretrained writes them), or "
+            "set teacher.allow_pickle / student.allow_pickle to true if you trust the file"
+        )
 
 
 def _load_adapter(path: str, **kw: Any) -> PreTrainedModel:
@@ -153,7 +197,7 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
     )
 
 
-def _validate_keep(keep: list[int], num_layers: int) -> list[int]:
+def validate_keep(keep: list[int], num_layers: int) -> list[int]:
     keep = list(keep)
     if not keep:
         raise ModelLoadError(f"keep is empty: name at least one of the {num_layers} layers to keep")
@@ -195,7 +239,7 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
         )
     holder, attr = decoder_layers(model)
     num_layers = len(getattr(holder, attr))
-    keep = _validate_keep(keep, num_layers)
+    keep = validate_keep(keep, num_layers)
 
     pruned = copy.deepcopy(model)
     holder, attr = decoder_layers(pruned)

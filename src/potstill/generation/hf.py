@@ -311,6 +311,7 @@ class HFBackend:
         batch_size: int = 16,  # rows per forward pass; memory grows with it and the longest prompt
         teacher_id: str | None = None,
         trust_remote_code: bool = False,
+        allow_pickle: bool = False,  # a pickle-only checkpoint (it can run code as it loads)
         device: str | None = None,
         stop_token_ids: Sequence[int] = (),  # extra ids that end a completion, besides EOS
         compile: bool = False,  # torch.compile the decode step (static cache; see static_decode)
@@ -323,7 +324,9 @@ class HFBackend:
             raise GenerationError(f"batch_size must be an integer >= 1; got {batch_size!r}")
         if isinstance(model, str):
             name = model
-            model = load_model(name, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = load_model(
+                name, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+            )
             device = device or default_device_type()
         elif isinstance(model, nn.Module):
             name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
