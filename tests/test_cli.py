@@ -104,7 +104,7 @@ def test_malformed_and_empty_data(tmp_path, tiny_dirs, capsys):
     same, _ = tiny_dirs
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "broken"\n')
-    base = ("check", str(FORWARD), f"teacher.model={same}")
+    base = ("check", str(FORWARD), f"teacher.model={same}", "student.keep_layers=[0, 1]")
     code, _, err = run_cli(capsys, *base, f"data.train={bad}")
     assert code == 2 and "bad.jsonl:2" in err
     empty = tmp_path / "empty.jsonl"

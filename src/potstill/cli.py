@@ -156,6 +156,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     formats = sorted({record_format(r) for r in records})
     print(f"  train data: {len(records):,} records ({', '.join(formats)}) from {recipe.data.train}")
+    if recipe.data.eval:
+        held = load_records(
+            recipe.data.eval, split=recipe.data.eval_split, limit=recipe.data.max_eval_records
+        )
+        formats = sorted({record_format(r) for r in held})
+        print(f"  eval data: {len(held):,} records ({', '.join(formats)}) from {recipe.data.eval}")
     print("check passed")
     return 0
 
@@ -473,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                 return args.fn(args)
         return args.fn(args)
     except USER_ERRORS as e:  # expected, actionable failures: one line, no traceback
-        print(f"potstill {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever a library's text held
+        print(f"potstill {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

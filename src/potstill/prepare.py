@@ -17,7 +17,7 @@ from torch import nn
 
 from potstill import students
 from potstill.data import Example, TokenizeStats, load_records, tokenize_records
-from potstill.errors import DataError, RecipeError
+from potstill.errors import DataError, ModelLoadError, RecipeError
 from potstill.methods.registry import MethodInfo, method_info
 from potstill.models import (
     check_vocab_compatible,
@@ -27,6 +27,7 @@ from potstill.models import (
     load_tokenizer,
     prune_layers,
     student_from_config,
+    validate_keep,
 )
 from potstill.recipe import Recipe
 
@@ -62,6 +63,15 @@ def preflight(r: Recipe) -> dict[str, Any]:
     source = _student_source(r)
     student_tok = load_tokenizer(source, trust_remote_code=r.student.trust_remote_code)
     report["student_tokenizer"] = f"{source} ({len(student_tok):,} tokens)"
+    if r.student.init == "prune":  # the layers exist: the config says how many there are
+        config = load_config(source, trust_remote_code=r.student.trust_remote_code)
+        layers = getattr(config, "num_hidden_layers", None)
+        if layers is not None:
+            try:
+                validate_keep(r.student.keep_layers, layers)
+            except ModelLoadError as e:
+                raise RecipeError(f"`student.keep_layers`: {e}") from None
+            report["pruned_student"] = f"{len(r.student.keep_layers)} of {layers} layers"
     if r.teacher.source == "cache":
         manifest = _cache_manifest(r, student_tok)
         report["teacher_cache"] = (
@@ -160,13 +170,14 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
     if teacher is None and r.teacher.model and needs_teacher:
         teacher = load_model(
             r.teacher.model, dtype=r.teacher.dtype, trust_remote_code=r.teacher.trust_remote_code,
-            encoder=encoder,
+            encoder=encoder, allow_pickle=r.teacher.allow_pickle,
         )  # fmt: skip
     source = _student_source(r)
     s = r.student
     load = functools.partial(
-        load_model, dtype=s.dtype, trust_remote_code=s.trust_remote_code, encoder=encoder
-    )
+        load_model, dtype=s.dtype, trust_remote_code=s.trust_remote_code, encoder=encoder,
+        allow_pickle=s.allow_pickle,
+    )  # fmt: skip
     if s.init == "pretrained":
         student = load(source)
     elif s.init == "prune":
@@ -265,6 +276,12 @@ def load_data(r: Recipe, tokenizer: Any, method: Method | None = None) -> Data:
         progress=slow,
         encode=encode,
     )
+    if not train:  # an empty stream would spin for ever looking for a batch
+        raise DataError(
+            f"no training record of {d.train} keeps a target token within "
+            f"data.max_length={d.max_length} ({train_stats.dropped:,} dropped: prompts as long as "
+            "that); raise data.max_length or shorten the prompts"
+        )
     if r.teacher.source == "cache":  # the cache's rows are found by example index
         from potstill.teachers.cache import check_split, read_manifest
 

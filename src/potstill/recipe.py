@@ -38,6 +38,11 @@ class TeacherSpec:
         "float32",
     )
     trust_remote_code: bool = doc("run model code from the Hub repo (only if you trust it)", False)
+    allow_pickle: bool = doc(
+        "load a checkpoint saved only as a pickle (pytorch_model.bin), which can run code as it "
+        "loads (only if you trust it); otherwise weights load from safetensors or GGUF only",
+        False,
+    )
     source: str = doc(
         "where the teacher's signal comes from: live (the model, in this process) | cache (its "
         "top-k log-probabilities from teacher.cache, written by `potstill cache`; method "
@@ -149,6 +154,11 @@ class StudentSpec:
         "master weights dtype; keep float32 (train.precision picks the compute dtype)", "float32"
     )
     trust_remote_code: bool = doc("run model code from the Hub repo (only if you trust it)", False)
+    allow_pickle: bool = doc(
+        "load a checkpoint saved only as a pickle (pytorch_model.bin), which can run code as it "
+        "loads (only if you trust it); otherwise weights load from safetensors or GGUF only",
+        False,
+    )
     lora: LoraSpec = doc("low-rank adapters (PEFT LoRA)", default_factory=LoraSpec)
     qat: QatSpec = doc("quantization-aware training on a GGUF grid", default_factory=QatSpec)
 
@@ -685,7 +695,12 @@ def load_recipe(
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise RecipeError(
+                f"{path}{where}: not valid YAML ({problem}); fix the recipe"
+            ) from None
         if not isinstance(data, dict):
             raise RecipeError(
                 f"{path}: a recipe is a mapping of sections, got {type(data).__name__}"
@@ -775,8 +790,16 @@ def validate(r: Recipe) -> None:
             beta=r.loss.beta,
             alpha=r.loss.skew_alpha,
         )
-    except ValueError as e:
-        raise RecipeError(f"`loss`: {e}") from None
+    except ValueError as e:  # name the key: "beta must be …" -> "`loss.beta` must be …"
+        message = str(e)
+        for word, key in (
+            ("temperature", "kd_temperature"),
+            ("beta", "beta"),
+            ("alpha", "skew_alpha"),
+        ):
+            if message.startswith(word + " "):
+                raise RecipeError(f"`loss.{key}`{message[len(word) :]}") from None
+        raise RecipeError(f"`loss.kind`: {message}") from None
     if r.loss.path not in ("fused", "naive"):
         raise RecipeError(f"`loss.path` must be fused or naive, got {r.loss.path!r}")
     t = r.train

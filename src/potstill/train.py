@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from potstill import distributed, students
 from potstill.data import Example, collate
-from potstill.errors import NonFiniteLoss, RunStopped
+from potstill.errors import USER_ERRORS, NonFiniteLoss, RecipeError, RunStopped
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.lm import padding_free, unwrap
 from potstill.losses import normalise, step_normalizer
@@ -356,6 +356,7 @@ class MetricsLog:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+        self.enabled = False  # closed once; later rows are kept in memory only
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -371,18 +372,72 @@ def stopped(reason: str | None, step: int, out: Path) -> RunStopped:
     )
 
 
-def _padding_free_from_recipe(fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
-    """Every forward pass of the run (``lm.final_hidden``) follows ``train.padding_free``."""
+# What a resumed run shares with the run that wrote its folder; the rest (the horizon, intervals,
+# the lr) may change between the parts of one run.
+RUN_IDENTITY = (
+    "method",
+    "teacher.model",
+    "student.model",
+    "student.init",
+    "student.keep_layers",
+    "data.train",
+)
+
+
+def _dig(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def claim_output_dir(out: Path, recipe: Recipe) -> bool:
+    """Refuse a ``train.output_dir`` that is a file or holds another run (its checkpoint would be
+    resumed as this one's); True when the folder is this run's to create (absent or empty)."""
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"`train.output_dir` {out} is a file; point it at a folder")
+    previous = out / "recipe.yaml"
+    if previous.is_file():
+        try:
+            theirs = yaml.safe_load(previous.read_text())
+        except yaml.YAMLError:
+            theirs = None
+        ours = recipe.to_dict()
+        differ = [k for k in RUN_IDENTITY if _dig(theirs, k) != _dig(ours, k)]
+        if differ:
+            key = differ[0]
+            raise RecipeError(
+                f"`train.output_dir` {out} holds another run ({key} there: "
+                f"{_dig(theirs, key)!r}, here: {_dig(ours, key)!r}); pick another "
+                "train.output_dir, or remove that folder to start again"
+            )
+    return not out.exists() or not any(out.iterdir())
+
+
+def _run_frame(fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """Around every run: its output folder claimed first (:func:`claim_output_dir`), every forward
+    pass following ``train.padding_free``, and a folder the run created removed again when a user
+    error ends it before its first checkpoint (nothing half-written is left behind; a guard's stop
+    keeps its log)."""
 
     @functools.wraps(fn)
     def run(recipe: Recipe, *args: Any, **kwargs: Any) -> TrainResult:
-        with padding_free(recipe.train.padding_free):
-            return fn(recipe, *args, **kwargs)
+        out = Path(recipe.train.output_dir)
+        fresh = claim_output_dir(out, recipe)
+        try:
+            with padding_free(recipe.train.padding_free):
+                return fn(recipe, *args, **kwargs)
+        except RunStopped:  # a guard's stop: its log is the evidence, keep it
+            raise
+        except USER_ERRORS:
+            first = int(os.environ.get("RANK", "0")) == 0
+            if fresh and first and find_checkpoint(out) is None:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
     return run
 
 
-@_padding_free_from_recipe
+@_run_frame
 def train(
     recipe: Recipe,
     method: Method,
@@ -681,6 +736,9 @@ def train(
                 print(
                     f"\ninterrupted at step {state['step']}: checkpoint saved; run again to resume"
                 )
+        raise
+    except BaseException:  # the log's files are closed before anyone removes the folder
+        log.close()
         raise
     finally:
         bar.close()

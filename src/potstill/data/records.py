@@ -217,12 +217,21 @@ def _load_file(path: Path, *, limit: int | None) -> tuple[list[dict], Callable]:
         import pandas as pd
 
         # keep_default_na=False: an empty cell is "", not NaN; CSV has no types, so all are str.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=limit)
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=limit)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not readable as CSV ({e}); fix the file") from None
         return frame.to_dict(orient="records"), rows
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowException as e:
+            raise DataError(
+                f"{path}: not readable as Parquet ({e}); fix or rewrite the file"
+            ) from None
         if limit is not None:
             table = table.slice(0, limit)
         return table.to_pylist(), rows
