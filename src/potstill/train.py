@@ -51,6 +51,7 @@ from potstill.losses import normalise, step_normalizer
 from potstill.methods.base import Method
 from potstill.recipe import Recipe, StudentSpec
 from potstill.utils import (
+    atomic_write,
     autocast_dtype,
     keep_freed_memory,
     pad_token_id,
@@ -472,7 +473,8 @@ def train(
         keep_freed_memory()
     set_seed(t.seed)
     if main:
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        # whole or absent, even under kill -9: the next run reads it to know the folder is its own
+        atomic_write(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method `{method.name}` needs a teacher model")
     eval_teacher = eval_teacher if eval_teacher is not None else teacher

@@ -326,6 +326,10 @@ class OpenAIBackend:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.teacher_id = teacher_id or model
+        # what the retries cost: failed attempts by kind, and seconds spent backing off
+        self.failures: dict[str, int] = {}
+        self.waited_s = 0.0
+        self._stats_lock = threading.Lock()
         self._client: httpx.Client | None = httpx.Client(
             base_url=url,
             headers=headers,  # httpx prints an Authorization header as [secure]
@@ -471,19 +475,32 @@ class OpenAIBackend:
             # and all, so our error is raised outside the `except` and never chains to it.
             except httpx.TimeoutException as err:
                 last_failure = f"no answer within {self.timeout:g} s ({type(err).__name__})"
+                self._count("timeout", 0.0)
             except httpx.TransportError as err:
                 last_failure = f"{type(err).__name__}: {err}"
+                self._count(type(err).__name__, 0.0)
             except httpx.RequestError as err:  # e.g. a body that cannot be decoded: not transient
                 last_failure, fatal = f"{type(err).__name__}: {err}", True
             else:
                 status = response.status_code
                 if status < 400:
-                    return self._decode(url, response)
-                message = self._redact(_response_error_text(response))
-                if status not in RETRY_STATUSES and status < 500:
-                    raise GenerationError(f"{url} answered {status}: {message}{_hint(status)}")
-                last_failure = f"HTTP {status}: {message}"
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
+                    try:
+                        return response.json()
+                    except (json.JSONDecodeError, UnicodeDecodeError):  # cut short, a proxy's page
+                        kind = response.headers.get("content-type", "no content-type")
+                        start = self._redact(response.text[:200])
+                        last_failure = (
+                            f"malformed response: status {status} but the body is not JSON "
+                            f"({kind}): {start!r}"
+                        )
+                        self._count("malformed body", 0.0)
+                else:
+                    message = self._redact(_response_error_text(response))
+                    if status not in RETRY_STATUSES and status < 500:
+                        raise GenerationError(f"{url} answered {status}: {message}{_hint(status)}")
+                    last_failure = f"HTTP {status}: {message}"
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+                    self._count(f"HTTP {status}", 0.0)
             if fatal:
                 raise GenerationError(f"{url}: request failed: {last_failure}")
 
@@ -491,6 +508,7 @@ class OpenAIBackend:
                 delay = backoff_delay(
                     attempt, base=self.backoff_base, cap=self.backoff_max, retry_after=retry_after
                 )
+                self._count(None, delay)
                 log.warning(
                     "%s: %s; retry %d/%d in %.2f s",
                     url,
@@ -501,22 +519,23 @@ class OpenAIBackend:
                 )
                 if stop.wait(delay):
                     raise _Cancelled
+        if last_failure.startswith("malformed"):
+            raise GenerationError(
+                f"{url} gave a {last_failure.removeprefix('malformed response: ')} "
+                f"({attempts} attempts): is base_url an OpenAI-compatible API?"
+            )
         raise GenerationError(
             f"the server at {self.base_url} is unreachable or refusing requests: gave up on "
             f"{path} after {attempts} attempts (last: {last_failure}). Check that it is up and "
             "not overloaded (lower concurrency, or raise max_retries / timeout)"
         )
 
-    def _decode(self, url: str, response: httpx.Response) -> Any:
-        try:
-            return response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            kind = response.headers.get("content-type", "no content-type")
-            start = self._redact(response.text[:200])
-            raise GenerationError(
-                f"malformed response from {url}: status {response.status_code} but the body is "
-                f"not JSON ({kind}): {start!r}"
-            ) from None
+    def _count(self, failure: str | None, waited: float) -> None:
+        """Tally one failed attempt by kind (None: only the back-off it waited)."""
+        with self._stats_lock:
+            if failure is not None:
+                self.failures[failure] = self.failures.get(failure, 0) + 1
+            self.waited_s += waited
 
     def _redact(self, text: str) -> str:
         if self._api_key is not None:
