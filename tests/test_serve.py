@@ -2,10 +2,6 @@
 completions and chat completions (with logprobs) agree with the backend, and every bad request
 gets an OpenAI-style error body with the right status and no traceback."""
 
-import socket
-import threading
-import time
-
 import httpx
 import pytest
 import torch
@@ -16,6 +12,7 @@ from potstill.serve import create_app
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+from _served import serving  # noqa: E402 - after the importorskip
 
 MODEL = "tiny-test"
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
@@ -29,20 +26,8 @@ def backend(tiny_chat_lm):
 @pytest.fixture(scope="module")
 def base_url(backend):
     """The server's /v1 URL: uvicorn in a background thread on a free loopback port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # the OS picks a free port
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(backend, MODEL), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the test server did not start within 10 s"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
+    with serving(create_app(backend, MODEL)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

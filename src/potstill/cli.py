@@ -99,7 +99,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from potstill.serve import serve
 
-    serve(args.model, host=args.host, port=args.port, dtype=args.dtype, batch_size=args.batch_size)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        api_key_env=args.api_key_env,
+    )
     return 0
 
 
@@ -384,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hub id, local directory, .gguf file or bundled:NAME")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="require the API key held by environment variable NAME (Authorization: Bearer "
+        "<key>) on every endpoint but /health (default: no key)",
+    )
     p.add_argument(
         "--dtype",
         default="float32",

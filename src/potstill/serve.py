@@ -55,6 +55,7 @@ log = logging.getLogger("potstill.serve")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 512  # a CPU-friendly bound; ask for more with max_completion_tokens
 MAX_N = 128  # samples per prompt in one request
+MAX_BODY_BYTES = 8 * 2**20  # a request body larger than this is refused (413) before it is read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,12 +226,47 @@ def chat_logprobs(c: Completion) -> dict[str, list]:
 # The app
 
 
-def create_app(backend: HFBackend, model_id: str) -> FastAPI:
-    """A FastAPI app serving ``backend`` under the model name ``model_id``."""
+def create_app(
+    backend: HFBackend,
+    model_id: str,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """A FastAPI app serving ``backend`` under the model name ``model_id``; with ``api_key``,
+    every endpoint but ``/health`` asks for ``Authorization: Bearer <api_key>``."""
     app = FastAPI(title="potstill serve", version="1")
-    lock = threading.Lock()  # one request at a time through the batched backend
+    lock = threading.Lock()  # one request at a time through the batched backend: others queue
     started = int(time.time())
     context = getattr(getattr(backend.model, "config", None), "max_position_embeddings", None)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @app.middleware("http")
+    async def _gate(request: Request, call_next):
+        """The key (compared in constant time) and the body's size, before anything is read."""
+        if expected is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, expected):
+                body = error_body(
+                    "a valid API key is required (Authorization: Bearer <key>)",
+                    "invalid_request_error",
+                    code="invalid_api_key",
+                )
+                return JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                message = "a request body needs a Content-Length"
+                return JSONResponse(error_body(message, "invalid_request_error"), 411)
+            if not length.isdigit() or int(length) > max_body_bytes:
+                message = f"the request body is larger than {max_body_bytes:,} bytes"
+                return JSONResponse(error_body(message, "invalid_request_error"), 413)
+        return await call_next(request)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, err: RecursionError):
+        message = "the request body is nested too deeply to be a request"
+        return JSONResponse(error_body(message, "invalid_request_error"), 400)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -546,16 +582,29 @@ def serve(
     port: int = 8000,
     dtype: str = "float32",
     batch_size: int = 16,
+    api_key_env: str | None = None,
 ) -> None:
     """Load ``model`` (any name ``potstill.models.load_model`` accepts) and serve it over HTTP
-    with the OpenAI API until interrupted. The model id clients pass is ``model`` itself."""
+    with the OpenAI API until interrupted. The model id clients pass is ``model`` itself; with
+    ``api_key_env``, clients must send the key that environment variable holds."""
+    import os
+
     import uvicorn
 
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env, "")
+        if not api_key:
+            raise GenerationError(
+                f"--api-key-env names ${api_key_env}, which is not set: "
+                f"`export {api_key_env}=...` first"
+            )
     backend = HFBackend(model, dtype=dtype, batch_size=batch_size)
-    app = create_app(backend, model)
+    app = create_app(backend, model, api_key=api_key)
     url = f"http://{host}:{port}/v1"
     print(f"potstill serve: {model} ({dtype}, batch_size {batch_size}) at {url}")
-    print(f'  e.g. OpenAI(base_url="{url}", api_key="unused"), model="{model}"')
+    key = f"os.environ[{api_key_env!r}]" if api_key_env else '"unused"'
+    print(f'  e.g. OpenAI(base_url="{url}", api_key={key}), model="{model}"')
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
