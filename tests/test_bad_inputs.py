@@ -1,10 +1,10 @@
-"""Bad inputs through the real CLI, one subprocess per case: each must exit with status 2, print one
+"""Bad inputs through the real CLI, one process per case (forked by tests/_forker.py): each must exit with status 2, print one
 line that names the fix (``potstill VERB: error: …``) and no traceback, and leave nothing behind —
 every file the case had before is unchanged and nothing new is written.
 
 The table (:data:`CASES`) is the documentation: ``docs/errors.md`` is rendered from it together
 with the line each case prints; ``python tests/test_bad_inputs.py`` writes it again and a test
-checks it is current. The cases run concurrently (two subprocesses at a time) in one module-scoped
+checks it is current. The cases run concurrently (two processes at a time) in one module-scoped
 fixture; each case is its own test over the result.
 """
 
@@ -15,6 +15,7 @@ import hashlib
 import http.server
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from _forker import Forker
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "errors.md"
@@ -264,13 +266,10 @@ def base(tmp_path_factory, tiny_chat_lm):
     return b
 
 
-def _write_cache(b: Path, w: Path, how: str) -> None:
+def _write_cache(forker: Forker, b: Path, w: Path, how: str) -> None:
     """A real cache of the base teacher at w/cache, then broken as the case asks."""
-    subprocess.run(
-        [sys.executable, "-m", "potstill.cli", "cache", str(b / "kd.yaml"),
-         f"teacher.cache={w / 'cache'}", "cache.top_k=4"],
-        check=True, capture_output=True, cwd=w,
-    )  # fmt: skip
+    argv = ["cache", str(b / "kd.yaml"), f"teacher.cache={w / 'cache'}", "cache.top_k=4"]
+    assert forker.run(argv, cwd=str(w))["code"] == 0
     if how == "shard":
         shard = w / "cache" / "train-00000.safetensors"
         shard.write_bytes(shard.read_bytes()[:100])
@@ -314,7 +313,7 @@ class Outcome:
     folders: dict[str, str]  # path -> how the docs write it
 
 
-def _run_case(case: Case, b: Path, w: Path, garbage: str) -> Outcome:
+def _run_case(forker: Forker, case: Case, b: Path, w: Path, garbage: str) -> Outcome:
     w.mkdir(parents=True)
     for rel, make in case.files.items():
         path = w / rel
@@ -322,18 +321,13 @@ def _run_case(case: Case, b: Path, w: Path, garbage: str) -> Outcome:
         data = make(b)
         path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
     if case.cache:
-        _write_cache(b, w, case.cache)
+        _write_cache(forker, b, w, case.cache)
     argv = [a.format(b=b, w=w, garbage=garbage) for a in case.argv]
     before, base_before = _snapshot(w), _snapshot(b)
-    env = {k: v for k, v in os.environ.items() if k != "POTSTILL_TEST_NO_SUCH_KEY"}
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "potstill.cli", *argv],
-            capture_output=True, text=True, cwd=w, env=env, timeout=TIMEOUT,
-        )  # fmt: skip
-        code, stderr, stdout = proc.returncode, proc.stderr, proc.stdout
-    except subprocess.TimeoutExpired as e:
-        code, stderr, stdout = -1, f"hung: no answer within {TIMEOUT} s\n{e.stderr!r}", ""
+    got = forker.run(argv, kill_after=TIMEOUT, cwd=str(w))
+    code, stderr, stdout = got["code"], got["stderr"], got["stdout"]
+    if got["killed"]:
+        code, stderr = -1, f"hung: no answer within {TIMEOUT} s\n{stderr}"
     folders = {f"{w}/": "", str(w): ".", str(b): "base", garbage: "http://127.0.0.1:PORT/v1"}
     return Outcome(code, stderr, stdout, before, _snapshot(w), base_before != _snapshot(b), folders)
 
@@ -344,25 +338,24 @@ def outcomes(base, tmp_path_factory) -> dict[str, Outcome]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     garbage = f"http://127.0.0.1:{server.server_address[1]}/v1"
     root = tmp_path_factory.mktemp("cases")
+    forkers = queue.Queue()
+    for _ in range(2):  # two cases at a time
+        forkers.put(Forker(root))
+
+    def run(case: Case) -> Outcome:
+        forker = forkers.get()
+        try:
+            return _run_case(forker, case, base, root / case.name, garbage)
+        finally:
+            forkers.put(forker)
+
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = {
-                c.name: pool.submit(_run_case, c, base, root / c.name, garbage) for c in CASES
-            }
-            done = {name: f.result() for name, f in futures.items()}
-            if os.environ.get("DUMP"):
-                Path(os.environ["DUMP"]).write_text(
-                    json.dumps(
-                        {
-                            k: [v.code, v.stderr[-1500:], v.before != v.after]
-                            for k, v in done.items()
-                        },
-                        indent=1,
-                    )
-                )
-            return done
+            return dict(zip([c.name for c in CASES], pool.map(run, CASES), strict=True))
     finally:
         server.shutdown()
+        while not forkers.empty():
+            forkers.get().close()
 
 
 def error_line(case: Case, out: Outcome) -> str:
@@ -417,9 +410,9 @@ again (a run that has saved a checkpoint keeps it, and a generation that has fin
 them: running the same command again resumes).
 
 This page is generated from the table in `tests/test_bad_inputs.py`, which runs every case below
-through the real command line in a subprocess and checks all of that; `base` is the suite's folder
-of inputs (a tiny model and its broken variants, data and recipes) and other paths are relative to
-the case's own folder. `python tests/test_bad_inputs.py` writes this page again.
+through the real command line in a process of its own and checks all of that; `base` is the
+suite's folder of inputs (a tiny model and its broken variants, data and recipes) and other paths
+are relative to the case's own folder. `python tests/test_bad_inputs.py` writes this page again.
 
 | what is wrong | command | what potstill says |
 |---|---|---|

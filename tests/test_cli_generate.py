@@ -36,8 +36,12 @@ def test_serve_calls_potstill_serve(monkeypatch):
     calls = []
     monkeypatch.setattr(potstill.serve, "serve", lambda model, **kw: calls.append((model, kw)))
     assert main(["serve", "./my-teacher", "--port", "9001", "--batch-size", "4"]) == 0
+    assert main(["serve", "./my-teacher", "--api-key-env", "MY_KEY"]) == 0
+    first = {"host": "127.0.0.1", "port": 9001, "dtype": "float32", "batch_size": 4}
+    second = {"host": "127.0.0.1", "port": 8000, "dtype": "float32", "batch_size": 16}
     assert calls == [
-        ("./my-teacher", {"host": "127.0.0.1", "port": 9001, "dtype": "float32", "batch_size": 4})
+        ("./my-teacher", {**first, "api_key_env": None}),
+        ("./my-teacher", {**second, "api_key_env": "MY_KEY"}),
     ]
 
 

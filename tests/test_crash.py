@@ -10,31 +10,13 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _forker import Forker
 
 HERE = Path(__file__).parent
 KILLS = {"train": 26, "cache": 12, "generate": 12}  # kill points per job (50 together)
-
-
-class Forker:
-    def __init__(self, cwd: Path):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "_forker.py")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd,
-        )  # fmt: skip
-
-    def run(self, argv: list[str], kill_after: float | None = None) -> dict:
-        self.proc.stdin.write(json.dumps({"argv": argv, "kill_after": kill_after}) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -606,6 +606,9 @@ def _run(
     new_dirs = [d for d in (output.parent, *output.parent.parents) if not d.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     lines = resume(output, items, settings)
+    # the ledger first: a kill after the first records and before their ledger line must leave a
+    # file the next run trims, not one it takes for someone else's
+    ledger_path(output).touch()
     output.touch()  # exists even when nothing is kept, so `potstill train` says "no records"
     done = {line["prompt_id"] for line in lines}
     todo = [it for it in items if it.prompt_id not in done]
@@ -657,6 +660,7 @@ def _run(
             except GenerationError as e:
                 if not lines and not existed:  # nothing done: leave nothing behind
                     output.unlink(missing_ok=True)
+                    ledger_path(output).unlink(missing_ok=True)
                     for d in new_dirs:  # deepest first
                         if d.is_dir() and not any(d.iterdir()):
                             d.rmdir()

@@ -522,7 +522,8 @@ class OpenAIBackend:
         if last_failure.startswith("malformed"):
             raise GenerationError(
                 f"{url} gave a {last_failure.removeprefix('malformed response: ')} "
-                f"({attempts} attempts): is base_url an OpenAI-compatible API?"
+                f"({attempts} attempt{'s' if attempts > 1 else ''}): is base_url an "
+                "OpenAI-compatible API?"
             )
         raise GenerationError(
             f"the server at {self.base_url} is unreachable or refusing requests: gave up on "
