@@ -13,9 +13,12 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
+import torch
 
 from potstill.errors import GenerationError
 from potstill.generate import ledger_path, run_generate
@@ -35,10 +38,36 @@ FAULTS = {  # kind -> probability per request; the rest are answered well
 }
 
 
-class FaultyServer:
-    """Answers /v1/completions like a model that echoes its prompt, with seeded faults."""
+def echo(path: str, raw: bytes) -> bytes:
+    """/v1/completions like a model that echoes its prompt."""
+    body = json.loads(raw)
+    choice = {"index": 0, "text": f"echo:{body['prompt']}", "finish_reason": "stop"}
+    return json.dumps({"choices": [choice], "usage": {"completion_tokens": 3}}).encode()
 
-    def __init__(self, seed: int = 0, faults: dict[str, float] = FAULTS, down_after: int = 0):
+
+def forward_to(upstream: str) -> Callable[[str, bytes], bytes]:
+    """A proxy's answer: the request relayed to a real server (e.g. potstill serve)."""
+    client = httpx.Client(timeout=60)
+    root = upstream.removesuffix("/v1")
+
+    def answer(path: str, raw: bytes) -> bytes:
+        r = client.post(root + path, content=raw, headers={"content-type": "application/json"})
+        r.raise_for_status()
+        return r.content
+
+    return answer
+
+
+class FaultyServer:
+    """Answers POSTs with ``answer(path, body)``, or with a seeded fault instead."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        faults: dict[str, float] = FAULTS,
+        down_after: int = 0,
+        answer: Callable[[str, bytes], bytes] = echo,
+    ):
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.served: Counter[str] = Counter()
@@ -48,7 +77,7 @@ class FaultyServer:
             protocol_version = "HTTP/1.1"  # keep-alive, so a cut body is a broken connection
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
                 with fake.lock:
                     draw, fault = fake.rng.random(), "ok"
                     for kind, p in faults.items():
@@ -59,14 +88,7 @@ class FaultyServer:
                     if down_after and sum(fake.served.values()) >= down_after:
                         fault = "503"  # down for good
                     fake.served[fault] += 1
-                good = json.dumps(
-                    {
-                        "choices": [
-                            {"index": 0, "text": f"echo:{body['prompt']}", "finish_reason": "stop"}
-                        ],
-                        "usage": {"completion_tokens": 3},
-                    }
-                ).encode()
+                good = answer(self.path, raw) if fault not in ("429", "500", "503") else b""
                 try:
                     if fault in ("429", "500", "503"):
                         extra = {"Retry-After": "0"} if fault == "429" else {}
@@ -195,3 +217,45 @@ def test_a_teacher_that_never_recovers_stops_with_the_work_kept(tmp_path):
         assert kept == [f"q{i}" for i in range(20)]  # the two whole batches before it went down
     finally:
         server.stop()
+
+
+def test_training_against_a_faulty_served_teacher_equals_training_against_a_sound_one(
+    tiny_chat_lm, tiny_pair_dirs, tmp_path
+):
+    """teacher.source=server through a proxy that injects the same faults in front of a real
+    `potstill serve`: every batch is scored in the end, so the student equals the one trained
+    against the server directly, bit for bit."""
+    from _served import serving
+    from safetensors.torch import load_file
+
+    from potstill.cli import main
+    from potstill.generation.hf import HFBackend
+    from potstill.serve import create_app
+
+    teacher = str(tiny_pair_dirs / "teacher")
+    rows = [{"prompt": f"{a}*{b}=", "completion": f" {a * b}"} for a in range(2, 9) for b in (3, 4)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def train(url: str, out: str) -> dict:
+        (tmp_path / "r.yaml").write_text(
+            f"method: token_level\nteacher: {{model: {teacher}, source: server, "
+            f"server_url: '{url}', server_timeout: {TIMEOUT}}}\n"
+            f"student: {{model: {tiny_pair_dirs / 'student'}, init: pretrained}}\n"
+            f"data: {{train: {tmp_path / 'd.jsonl'}, max_length: 32, max_eval_records: 2}}\n"
+            "cache: {top_k: 5}\n"
+            "train: {max_steps: 6, batch_size: 2, precision: fp32, save_every: 0, eval_every: 0}\n"
+        )
+        assert main(["train", str(tmp_path / "r.yaml"), f"train.output_dir={tmp_path / out}"]) == 0
+        return load_file(tmp_path / out / "model" / "model.safetensors")
+
+    with serving(create_app(HFBackend(*tiny_chat_lm, batch_size=4), teacher)) as upstream:
+        sound = train(upstream, "sound")
+        proxy = FaultyServer(seed=3, answer=forward_to(upstream))
+        try:
+            faulty = train(proxy.url, "faulty")
+        finally:
+            proxy.stop()
+    print(f"\nserved teacher through the faulty proxy: {dict(proxy.served)}")
+    assert sum(proxy.served.values()) > proxy.served["ok"] > 0  # some faults were served
+    assert sound.keys() == faulty.keys()
+    assert all(torch.equal(sound[k], faulty[k]) for k in sound)
