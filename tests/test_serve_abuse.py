@@ -158,8 +158,9 @@ def test_a_run_against_a_keyed_teacher_writes_the_key_nowhere(
     tiny_chat_lm, tiny_pair_dirs, tmp_path, monkeypatch, capsys
 ):
     """Training against a served teacher that needs a key: the key travels in the header only —
-    not in the run folder (recipe, metrics, logs, checkpoints, model) nor in what is printed —
-    and a wrong key is one line that does not show it either."""
+    not in the run folder (recipe, metrics, logs, checkpoints, model), its report card, the
+    files of a generation from the same server, nor in what is printed — and a wrong key is one
+    line that does not show it either."""
     from potstill.cli import main
 
     teacher = str(tiny_pair_dirs / "teacher")
@@ -176,11 +177,23 @@ def test_a_run_against_a_keyed_teacher_writes_the_key_nowhere(
         out = tmp_path / "run"
         monkeypatch.setenv("POTSTILL_TEST_KEY", KEY)
         assert main(["train", str(tmp_path / "r.yaml"), f"train.output_dir={out}"]) == 0
+        generate = [
+            "generate", str(tmp_path / "r.yaml"), "method=sequence_level", "teacher.source=live",
+            f"generate.prompts={tmp_path / 'd.jsonl'}", "generate.max_prompts=4",
+            "generate.backend=openai", f"generate.base_url={u}", f"generate.model={teacher}",
+            "generate.api_key_env=POTSTILL_TEST_KEY", "generate.max_new_tokens=4",
+            f"generate.output={tmp_path / 'gen' / 'g.jsonl'}",
+        ]  # fmt: skip
+        assert main(generate) == 0
+        assert len((tmp_path / "gen" / "g.jsonl").read_text().splitlines()) == 4
         monkeypatch.setenv("POTSTILL_TEST_KEY", KEY + "-wrong")
         code = main(["train", str(tmp_path / "r.yaml"), f"train.output_dir={tmp_path / 'no'}"])
+    card = tmp_path / "card" / "report.html"  # the report card of the run, beside it
+    assert main(["report", str(out), "--no-generation", "--no-speed", "-o", str(card)]) == 0
     printed = capsys.readouterr()
     assert code == 2 and "401" in printed.err and not (tmp_path / "no").exists()
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) > 5 and (out / "recipe.yaml").is_file()
+    folders = (out, card.parent, tmp_path / "gen")
+    files = [p for folder in folders for p in folder.rglob("*") if p.is_file()]
+    assert len(files) > 5 and (out / "recipe.yaml").is_file() and card.is_file()
     leaked = [str(p) for p in files if KEY.encode() in p.read_bytes()]
     assert not leaked and KEY not in printed.out + printed.err
