@@ -113,6 +113,15 @@ CASES: list[Case] = [
           "m/tokenizer.json": copy_of("model/tokenizer.json"),
           "m/tokenizer_config.json": copy_of("model/tokenizer_config.json"),
           "m/model.safetensors": copy_of("model/model.safetensors", lambda x: x[: len(x) // 2])}),
+    Case("remote-code", "a model folder whose config asks to run its own code",
+         check("teacher.model={w}/evil"), r"trust_remote_code",
+         {"evil/config.json": lambda b: json.dumps({
+              **json.loads((b / "model/config.json").read_text()), "model_type": "evil",
+              "auto_map": {"AutoConfig": "evil.EvilConfig",
+                           "AutoModelForCausalLM": "evil.EvilModel"}}),
+          "evil/evil.py": text("open('PWNED', 'w').write('ran')  # must never run\n"),
+          "evil/tokenizer.json": copy_of("model/tokenizer.json"),
+          "evil/tokenizer_config.json": copy_of("model/tokenizer_config.json")}),
     Case("pickle-checkpoint", "a model saved only as a pickle (pytorch_model.bin)",
          ("train", *KD, "student.model={b}/pickled", OUT), r"pickle|safetensors"),
     # --- data ------------------------------------------------------------------------------

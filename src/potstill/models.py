@@ -88,6 +88,12 @@ def _load_error(kind: str, name: str, err: Exception) -> ModelLoadError:
             f"{name!r} has no config.json: not a Hugging Face model folder; point at a folder "
             "with config.json, the tokenizer and model.safetensors, a .gguf file or bundled:NAME"
         )
+    if "trust_remote_code" in str(err):
+        return ModelLoadError(
+            f"{name!r} ships its own model code, which potstill does not run unless told to: "
+            "read it, and if you trust it set teacher.trust_remote_code or "
+            "student.trust_remote_code to true"
+        )
     return ModelLoadError(f"could not load the {kind} of {name!r} ({err}); {SUGGESTION}")
 
 
