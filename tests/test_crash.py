@@ -8,12 +8,12 @@ one kill costs only the time until the kill. The kill points tried are counted a
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import pytest
 from _forker import Forker
+from _sums import write_sums
 
 HERE = Path(__file__).parent
 KILLS = {"train": 26, "cache": 12, "generate": 12}  # kill points per job (50 together)
@@ -30,13 +30,7 @@ def forker(tmp_path_factory):
 def recipe(tiny_pair_dirs, tmp_path_factory) -> Path:
     """Token-level KD over a tiny teacher/student pair; checkpoints every 2 of 8 steps."""
     root = tmp_path_factory.mktemp("crash")
-    rng = random.Random(0)
-    rows = [
-        {"prompt": f"{a}+{b}=", "completion": str(a + b)}
-        for a, b in ((rng.randrange(100), rng.randrange(100)) for _ in range(48))
-    ]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+    write_sums(root)
     path = root / "kd.yaml"
     path.write_text(
         f"method: token_level\nteacher: {{model: {tiny_pair_dirs / 'teacher'}}}\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _signals import loss_marker_prelude
+from _sums import write_sums
 from safetensors.torch import load_file
 
 from potstill.prepare import load_models
@@ -36,13 +37,7 @@ def tiny_run(tmp_path_factory, tiny_chat_lm):
     model, tokenizer = tiny_chat_lm
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    rng = random.Random(0)
-    rows = [
-        {"prompt": f"{a}+{b}=", "completion": str(a + b)}
-        for a, b in ((rng.randrange(100), rng.randrange(100)) for _ in range(48))
-    ]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+    write_sums(root)
     recipe = root / "sft.yaml"
     recipe.write_text(
         f"method: sft\nstudent: {{model: {root / 'model'}, init: pretrained}}\n"

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from potstill.errors import GenerationError
-from potstill.generation.base import Completion, Prompt, SamplingParams
+from potstill.generation.base import Completion, Prompt, SamplingParams, api_key_from_env
 from potstill.generation.hf import MAX_LOGPROBS, HFBackend
 
 log = logging.getLogger("potstill.serve")
@@ -587,18 +587,9 @@ def serve(
     """Load ``model`` (any name ``potstill.models.load_model`` accepts) and serve it over HTTP
     with the OpenAI API until interrupted. The model id clients pass is ``model`` itself; with
     ``api_key_env``, clients must send the key that environment variable holds."""
-    import os
-
     import uvicorn
 
-    api_key = None
-    if api_key_env is not None:
-        api_key = os.environ.get(api_key_env, "")
-        if not api_key:
-            raise GenerationError(
-                f"--api-key-env names ${api_key_env}, which is not set: "
-                f"`export {api_key_env}=...` first"
-            )
+    api_key = None if api_key_env is None else api_key_from_env(api_key_env, "--api-key-env")
     backend = HFBackend(model, dtype=dtype, batch_size=batch_size)
     app = create_app(backend, model, api_key=api_key)
     url = f"http://{host}:{port}/v1"

@@ -7,9 +7,12 @@ of chat messages (the backend applies the model's own chat template, or calls a 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from potstill.errors import GenerationError
 
 Prompt = str | list[dict]  # "Once upon a time" | [{"role": "user", "content": "..."}]
 
@@ -44,3 +47,14 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def api_key_from_env(name: str, who: str) -> str:
+    """The API key the environment variable ``name`` holds; ``who`` (e.g. "the recipe") names
+    what asked for it in the error a missing or empty variable gets."""
+    value = os.environ.get(name, "")
+    if not value:
+        raise GenerationError(
+            f"{who} reads the API key from ${name}, which is not set: `export {name}=...` first"
+        )
+    return value

@@ -31,7 +31,6 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -42,7 +41,7 @@ from typing import Any
 import httpx
 
 from potstill.errors import GenerationError
-from potstill.generation.base import Completion, Prompt, SamplingParams
+from potstill.generation.base import Completion, Prompt, SamplingParams, api_key_from_env
 
 log = logging.getLogger(__name__)
 
@@ -306,13 +305,7 @@ class OpenAIBackend:
         headers = {"User-Agent": "potstill"}
         self._api_key: _Secret | None = None
         if api_key_env is not None:
-            value = os.environ.get(api_key_env, "")
-            if not value:
-                raise GenerationError(
-                    f"the recipe reads the API key from ${api_key_env}, which is not set: "
-                    f"`export {api_key_env}=...` first, or drop api_key_env for a server "
-                    "without authentication"
-                )
+            value = api_key_from_env(api_key_env, "the recipe")
             self._api_key = _Secret(value)
             headers["Authorization"] = f"Bearer {value}"
 

@@ -1,0 +1,18 @@
+"""Tiny addition problems as training and held-out JSONL, for runs that resume or get killed."""
+
+import json
+import random
+from pathlib import Path
+
+
+def write_sums(root: Path) -> tuple[Path, Path]:
+    """(train.jsonl, eval.jsonl) under ``root``: 40 and 8 seeded "a+b=" prompt/completion pairs."""
+    rng = random.Random(0)
+    rows = [
+        {"prompt": f"{a}+{b}=", "completion": str(a + b)}
+        for a, b in ((rng.randrange(100), rng.randrange(100)) for _ in range(48))
+    ]
+    train, held = root / "train.jsonl", root / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+    return train, held
