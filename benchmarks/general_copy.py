@@ -6,13 +6,13 @@ the pruned start's KL it removes (`potstill report --general`).
     python benchmarks/general_copy.py                                    # the demo's settings
     python benchmarks/general_copy.py train.batch_size=2 train.lr=1e-3   # a sweep point
 
-Every run is a real `potstill train`, and the figures come from `potstill report`'s JSON.
+Every run is a real `potstill train`; the figures are the report card's (its "general" table and
+the share of the start's KL each student removes), printed as it ends.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +21,6 @@ import yaml
 from _pair import cpu_name
 
 from potstill.demo import DEMO_OVERRIDES
-from potstill.metrics import GENERAL
 from potstill.recipe import load_recipe
 
 
@@ -49,26 +48,7 @@ def main() -> None:
         "report", f"KD={out / 'kd'}", f"CE={out / 'ce'}", "--general", str(args.records),
         "--no-generation", "--no-speed", "-o", str(out / "report.html"),
     )  # fmt: skip
-    card = json.loads((out / "report.json").read_text())
-    print(f"\n{cpu_name()}; {' '.join(args.overrides) or 'the demo settings'}")
-    print(
-        f"teacher KL on {args.records} held-out records of each kind (share of the start's removed)"
-    )
-    rows = card["rows"]  # name -> metrics: teacher, before training, KD, CE
-    start = rows["before training"]
-    print(f"{'model':16s}" + "".join(f"{k:>18s}" for k in GENERAL))
-    for name, row in rows.items():
-        cells = []
-        for key in GENERAL:
-            kl = row.get(key)
-            if kl is None:
-                cells.append("-")
-                continue
-            share = (
-                "" if name in ("teacher", "before training") else f" ({1 - kl / start[key]:.0%})"
-            )
-            cells.append(f"{kl:.3f}{share}")
-        print(f"{name:16s}" + "".join(f"{c:>18s}" for c in cells))
+    print(f"\n{cpu_name()}; {' '.join(args.overrides) or 'the demo settings'}")  # the card is above
 
 
 if __name__ == "__main__":

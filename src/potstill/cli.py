@@ -216,14 +216,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from potstill.recipe import Recipe, all_keys
+    from potstill.recipe import Recipe, all_keys, value_at
 
     defaults = Recipe().to_dict()
     for key, text in all_keys().items():
-        node = defaults
-        for part in key.split("."):
-            node = node[part]
-        print(f"{key} = {node!r}\n    {text}")
+        print(f"{key} = {value_at(defaults, key)!r}\n    {text}")
     return 0
 
 

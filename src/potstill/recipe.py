@@ -683,6 +683,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def value_at(tree: Any, key: str) -> Any:
+    """The value at a dotted ``key`` ("train.lr") of a recipe's mapping; None where it has none."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def load_recipe(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Recipe:
@@ -931,6 +938,13 @@ def _validate_relations(section: str, spec: FeatureSpec | EmbeddingSpec) -> None
         raise RecipeError(f"`{section}.relation_heads` must be ≥ 1, got {spec.relation_heads}")
 
 
+def _require(needs: dict[str, bool], why: str, instead: str) -> None:
+    """Refuse a setting whose ``needs`` (``"key=value": met``) are not all met, naming them."""
+    missing = [k for k, ok in needs.items() if not ok]
+    if missing:
+        raise RecipeError(f"{why}; set {', '.join(missing)} (or {instead})")
+
+
 def validate_on_policy(r: Recipe) -> None:
     o = r.on_policy
     if not 0 <= o.lmbda <= 1:
@@ -938,37 +952,33 @@ def validate_on_policy(r: Recipe) -> None:
     if o.estimator not in ("full", "sampled"):
         raise RecipeError(f"`on_policy.estimator` must be full or sampled, got {o.estimator!r}")
     if o.estimator == "sampled" and r.method == "on_policy":
-        needs = {
-            "loss.kind=reverse_kl": r.loss.kind == "reverse_kl",
-            "loss.kd_temperature=1": r.loss.kd_temperature == 1.0,
-            "loss.hard_weight=0": r.loss.hard_weight == 0,
-            "teacher.source=live": r.teacher.source == "live",
-        }
-        missing = [k for k, ok in needs.items() if not ok]
-        if missing:
-            raise RecipeError(
-                "on_policy.estimator=sampled estimates reverse KL at T=1 from a live teacher's "
-                f"log-probabilities of the sampled tokens; set {', '.join(missing)} "
-                "(or on_policy.estimator=full)"
-            )
+        _require(
+            {
+                "loss.kind=reverse_kl": r.loss.kind == "reverse_kl",
+                "loss.kd_temperature=1": r.loss.kd_temperature == 1.0,
+                "loss.hard_weight=0": r.loss.hard_weight == 0,
+                "teacher.source=live": r.teacher.source == "live",
+            },
+            "on_policy.estimator=sampled estimates reverse KL at T=1 from a live teacher's "
+            "log-probabilities of the sampled tokens",
+            "on_policy.estimator=full",
+        )
     if not 0 <= o.teacher_mix < 1:
         raise RecipeError(
             f"`on_policy.teacher_mix` is the teacher's share α of the sampling mixture, in "
             f"[0, 1) (1 would be the teacher's own samples: on_policy.seq_kd), got {o.teacher_mix}"
         )
     if o.teacher_mix and r.method == "on_policy":
-        needs = {
-            "on_policy.engine=hf": o.engine == "hf",
-            "teacher.source=live": r.teacher.source == "live",
-            "on_policy.estimator=full": o.estimator == "full",
-        }
-        missing = [k for k, ok in needs.items() if not ok]
-        if missing:
-            raise RecipeError(
-                "on_policy.teacher_mix samples each token from a mixture of the student's and a "
-                f"live teacher's distributions in this process; set {', '.join(missing)} "
-                "(or on_policy.teacher_mix=0)"
-            )
+        _require(
+            {
+                "on_policy.engine=hf": o.engine == "hf",
+                "teacher.source=live": r.teacher.source == "live",
+                "on_policy.estimator=full": o.estimator == "full",
+            },
+            "on_policy.teacher_mix samples each token from a mixture of the student's and a "
+            "live teacher's distributions in this process",
+            "on_policy.teacher_mix=0",
+        )
     for key in ("collapse_distinct2", "collapse_repetition"):
         if not 0 <= getattr(o, key) <= 1:
             raise RecipeError(f"`on_policy.{key}` is a share in [0, 1], got {getattr(o, key)}")

@@ -676,13 +676,10 @@ def write_report(report: dict[str, Any], runs: list[Run], output: Path) -> None:
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    header, body = table_cells(report["rows"], QUALITY)
-    if body:
-        for cells in (header, *body):
+    for keys in (QUALITY, GENERAL):
+        header, body = table_cells(report["rows"], keys)
+        for cells in (header, *body) if body else ():
             print(markdown_row(cells))
-    header, body = table_cells(report["rows"], GENERAL)
-    for cells in (header, *body) if body else ():
-        print(markdown_row(cells))
     for line in removed(report["rows"], GENERAL, "before training"):
         print(line)
     for line in report["verdicts"]:

@@ -49,7 +49,7 @@ from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.lm import padding_free, unwrap
 from potstill.losses import normalise, step_normalizer
 from potstill.methods.base import Method
-from potstill.recipe import Recipe, StudentSpec
+from potstill.recipe import Recipe, StudentSpec, value_at
 from potstill.utils import (
     atomic_write,
     autocast_dtype,
@@ -385,12 +385,6 @@ RUN_IDENTITY = (
 )
 
 
-def _dig(tree: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
 def claim_output_dir(out: Path, recipe: Recipe) -> bool:
     """Refuse a ``train.output_dir`` that is a file or holds another run (its checkpoint would be
     resumed as this one's); True when the folder is this run's to create (absent or empty)."""
@@ -403,12 +397,12 @@ def claim_output_dir(out: Path, recipe: Recipe) -> bool:
         except yaml.YAMLError:
             theirs = None
         ours = recipe.to_dict()
-        differ = [k for k in RUN_IDENTITY if _dig(theirs, k) != _dig(ours, k)]
+        differ = [k for k in RUN_IDENTITY if value_at(theirs, k) != value_at(ours, k)]
         if differ:
             key = differ[0]
             raise RecipeError(
                 f"`train.output_dir` {out} holds another run ({key} there: "
-                f"{_dig(theirs, key)!r}, here: {_dig(ours, key)!r}); pick another "
+                f"{value_at(theirs, key)!r}, here: {value_at(ours, key)!r}); pick another "
                 "train.output_dir, or remove that folder to start again"
             )
     return not out.exists() or not any(out.iterdir())

@@ -275,6 +275,11 @@ class _Row:
     logprobs: list[tuple[float, list[int], list[float]]] = field(default_factory=list)
 
 
+def _keeps_last_logits(model: nn.Module) -> bool:
+    """Whether the model's forward can compute the last position's logits alone."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 class HFBackend:
     """A local Hugging Face causal LM behind the ``Backend`` protocol.
 
@@ -352,7 +357,7 @@ class HFBackend:
         self.pad_id = _first_not_none(tokenizer.pad_token_id, *sorted(self.eos_ids), 0)
         head = model.get_output_embeddings()
         self.vocab_size = head.weight.shape[0] if head is not None else model.config.vocab_size
-        self._keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._keeps_last_logits = _keeps_last_logits(model)
         self._token_text: dict[int, str] = {}  # id -> decoded text, for logprobs
         self.compile = bool(compile)
         self._static: StaticDecoder | None = None  # built on the first compiled batch
@@ -362,6 +367,7 @@ class HFBackend:
                 f"got {guide_weight} with {'a' if guide is not None else 'no'} guide"
             )
         self.guide = guide.eval() if guide is not None else None
+        self._guide_keeps_last = guide is not None and _keeps_last_logits(guide)
         self.guide_weight = float(guide_weight)
 
     # --- the Backend protocol -----------------------------------------------------------------
@@ -483,10 +489,7 @@ class HFBackend:
         guide = None
         if self.guide is not None:  # the mixed-in model keeps a cache of its own, row for row
             guide = _GrowingRows(
-                self.guide,
-                [r.prompt_ids for r in rows],
-                self.pad_id,
-                "logits_to_keep" in inspect.signature(self.guide.forward).parameters,
+                self.guide, [r.prompt_ids for r in rows], self.pad_id, self._guide_keeps_last
             )
         logits = kv.logits  # (B, V) float32
         if guide is not None:

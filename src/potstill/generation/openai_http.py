@@ -468,10 +468,10 @@ class OpenAIBackend:
             # and all, so our error is raised outside the `except` and never chains to it.
             except httpx.TimeoutException as err:
                 last_failure = f"no answer within {self.timeout:g} s ({type(err).__name__})"
-                self._count("timeout", 0.0)
+                self._failed("timeout")
             except httpx.TransportError as err:
                 last_failure = f"{type(err).__name__}: {err}"
-                self._count(type(err).__name__, 0.0)
+                self._failed(type(err).__name__)
             except httpx.RequestError as err:  # e.g. a body that cannot be decoded: not transient
                 last_failure, fatal = f"{type(err).__name__}: {err}", True
             else:
@@ -486,14 +486,14 @@ class OpenAIBackend:
                             f"malformed response: status {status} but the body is not JSON "
                             f"({kind}): {start!r}"
                         )
-                        self._count("malformed body", 0.0)
+                        self._failed("malformed body")
                 else:
                     message = self._redact(_response_error_text(response))
                     if status not in RETRY_STATUSES and status < 500:
                         raise GenerationError(f"{url} answered {status}: {message}{_hint(status)}")
                     last_failure = f"HTTP {status}: {message}"
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
-                    self._count(f"HTTP {status}", 0.0)
+                    self._failed(f"HTTP {status}")
             if fatal:
                 raise GenerationError(f"{url}: request failed: {last_failure}")
 
@@ -501,7 +501,7 @@ class OpenAIBackend:
                 delay = backoff_delay(
                     attempt, base=self.backoff_base, cap=self.backoff_max, retry_after=retry_after
                 )
-                self._count(None, delay)
+                self._waited(delay)
                 log.warning(
                     "%s: %s; retry %d/%d in %.2f s",
                     url,
@@ -524,12 +524,14 @@ class OpenAIBackend:
             "not overloaded (lower concurrency, or raise max_retries / timeout)"
         )
 
-    def _count(self, failure: str | None, waited: float) -> None:
-        """Tally one failed attempt by kind (None: only the back-off it waited)."""
+    def _failed(self, kind: str) -> None:
+        """Tally one failed attempt by kind."""
         with self._stats_lock:
-            if failure is not None:
-                self.failures[failure] = self.failures.get(failure, 0) + 1
-            self.waited_s += waited
+            self.failures[kind] = self.failures.get(kind, 0) + 1
+
+    def _waited(self, seconds: float) -> None:
+        with self._stats_lock:
+            self.waited_s += seconds
 
     def _redact(self, text: str) -> str:
         if self._api_key is not None:
