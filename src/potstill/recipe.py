@@ -399,6 +399,19 @@ class OnPolicySpec:
         "0, a live teacher)",
         "full",
     )
+    credit: str = doc(
+        "token: each sampled token is trained on its own divergence | sequence: it also takes "
+        "the reverse KL of the tokens the student sampled after it, as a policy-gradient cost "
+        "(MiniLLM's long-term term; needs loss.kind=reverse_kl, kd_temperature 1, a live "
+        "teacher, teacher_mix 0)",
+        "token",
+    )
+    length_norm: bool = doc(
+        "credit sequence: average the later tokens' reverse KL over their number (MiniLLM's "
+        "length normalisation) instead of summing it (a sum of positive costs rewards short "
+        "samples)",
+        True,
+    )
     teacher_mix: float = doc(
         "MiniLLM's teacher-mixed sampling: the student's batches are sampled from "
         "(1 − α)·student + α·teacher at every token, α = this (0: the student alone); needs "
@@ -962,6 +975,21 @@ def validate_on_policy(r: Recipe) -> None:
             "on_policy.estimator=sampled estimates reverse KL at T=1 from a live teacher's "
             "log-probabilities of the sampled tokens",
             "on_policy.estimator=full",
+        )
+    if o.credit not in ("token", "sequence"):
+        raise RecipeError(f"`on_policy.credit` must be token or sequence, got {o.credit!r}")
+    if o.credit == "sequence" and r.method == "on_policy":
+        _require(
+            {
+                "loss.kind=reverse_kl": r.loss.kind == "reverse_kl",
+                "loss.kd_temperature=1": r.loss.kd_temperature == 1.0,
+                "teacher.source=live": r.teacher.source == "live",
+                "on_policy.teacher_mix=0": not o.teacher_mix,
+            },
+            "on_policy.credit=sequence charges each sampled token the reverse KL at T=1 of the "
+            "student's own later tokens, from a live teacher's log-probabilities (a teacher "
+            "mixture would need importance weights)",
+            "on_policy.credit=token",
         )
     if not 0 <= o.teacher_mix < 1:
         raise RecipeError(

@@ -19,7 +19,7 @@ from potstill.losses.objective import (
     step_normalizer,
     valid_mask,
 )
-from potstill.losses.policy import sampled_reverse_kl
+from potstill.losses.policy import later_mean, reinforce, sampled_reverse_kl
 
 __all__ = [
     "DIVERGENCES",
@@ -34,9 +34,11 @@ __all__ = [
     "divergence",
     "fused_distill_loss",
     "fused_distill_sums",
+    "later_mean",
     "masked_sum",
     "mix",
     "normalise",
+    "reinforce",
     "sampled_reverse_kl",
     "step_normalizer",
     "valid_mask",

@@ -10,16 +10,40 @@ REINFORCE with the per-token reverse KL as a negative advantage, no credit passe
 (the per-token reward with a zero discount of on-policy distillation as Thinking Machines
 described it, 2025; MiniLLM, Gu et al. 2024, adds the later tokens' rewards). It needs only
 log q(y) and log p(y) of the sampled token, not both distributions over the vocabulary.
+
+:func:`later_mean` passes that credit on: MiniLLM's long-term term gives each sampled token the
+reverse KL of the tokens sampled after it, and normalises it by their number (its "length
+normalisation", Gu et al. 2024, §2.2), without which a sum of positive per-token costs rewards
+short samples.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+
+def reinforce(logprob: Tensor, cost: Tensor) -> Tensor:
+    """(N,) log-probabilities of sampled tokens, (N,) their costs -> (N,) surrogate whose value
+    is the cost and whose gradient is cost · ∇ log-probability (the cost is not differentiated)."""
+    cost = cost.detach()
+    return cost * (logprob - logprob.detach()) + cost
 
 
 def sampled_reverse_kl(student_logprob: Tensor, teacher_logprob: Tensor) -> Tensor:
     """(N,) log q(y), (N,) log p(y) of sampled tokens -> (N,) surrogate whose value is the
     single-sample estimate log q(y) − log p(y) and whose gradient (through ``student_logprob``
     only) is (log q(y) − log p(y)) ∇ log q(y)."""
-    advantage = (student_logprob - teacher_logprob).detach()  # (N,) −advantage, in nats
-    return advantage * (student_logprob - student_logprob.detach()) + advantage
+    return reinforce(student_logprob, student_logprob - teacher_logprob)
+
+
+def later_mean(values: Tensor, mask: Tensor, *, normalise: bool = True) -> Tensor:
+    """(B, T) per-token values, (B, T) bool mask -> (B, T): at each position, the mean of the
+    row's values at masked positions after it (the sum without ``normalise``); 0 where none is."""
+    v = torch.where(mask, values, torch.zeros_like(values))
+    later = v.flip(-1).cumsum(-1).flip(-1) - v  # (B, T) Σ over t' > t
+    if not normalise:
+        return later
+    m = mask.to(values.dtype)
+    count = m.flip(-1).cumsum(-1).flip(-1) - m  # (B, T) masked positions after t
+    return later / count.clamp_min(1)

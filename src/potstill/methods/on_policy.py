@@ -12,7 +12,9 @@ keep the data's completions, or, with ``on_policy.seq_kd``, get the teacher's ow
 only for those batches). A row's prompt is every token before its first supervised one. With
 ``on_policy.teacher_mix`` α > 0 the student's batches are drawn from (1 − α)·student + α·teacher,
 token by token (MiniLLM's teacher-mixed sampling); the objective needs no importance weight, as
-the mixture only picks the prefixes the full divergence is taken on.
+the mixture only picks the prefixes the full divergence is taken on. ``on_policy.credit=sequence``
+also charges each sampled token the (length-normalised) reverse KL of the later tokens of its
+sample, MiniLLM's long-term term (:func:`potstill.losses.later_mean`).
 Teacher signal: the live teacher's distributions on those sequences, as in ``token_level``.
 Objective: ``token_level``'s (this method holds one :class:`TokenLevel` and asks it for the loss),
 fused and chunked, at ``loss.kd_temperature``; the default is
@@ -46,7 +48,7 @@ from potstill.evaluate import distinct_n, own_sample_metrics, repetition
 from potstill.generation.base import SamplingParams
 from potstill.generation.hf import HFBackend
 from potstill.lm import final_hidden, token_logprobs
-from potstill.losses import LossSums, sampled_reverse_kl
+from potstill.losses import LossSums, later_mean, reinforce, sampled_reverse_kl
 from potstill.losses.objective import weighted_sums
 from potstill.methods.base import Method
 from potstill.methods.token_level import TokenLevel
@@ -118,6 +120,8 @@ class OnPolicy(Method, name="on_policy"):
     seed: int = 0
     sample_dtype: torch.dtype | None = None  # bf16 twin under bf16 training; None: the model
     estimator: str = "full"  # full | sampled (on_policy.estimator)
+    credit: str = "token"  # token | sequence (on_policy.credit: MiniLLM's long-term term)
+    length_norm: bool = True  # credit sequence: mean, not sum, of the later tokens' costs
     teacher_mix: float = 0.0  # α of MiniLLM's sampling mixture (1 − α)·student + α·teacher
     collapse_distinct2: float = 0.1  # the collapse guard (on_policy.collapse_*)
     collapse_repetition: float = 0.8
@@ -142,10 +146,15 @@ class OnPolicy(Method, name="on_policy"):
                 "steps. Warm-start it from a distilled student: student.model=RUN/model "
                 "student.init=pretrained (e.g. the demo's runs/demo/kd/model)"
             )
+        credit = ""
+        if self.credit == "sequence":
+            norm = "length-normalised" if self.length_norm else "summed"
+            credit = f", later tokens' reverse KL as credit ({norm})"
         return (
             f"on_policy ({mix}, sampling T={self.sampling_temperature}, top_p={self.top_p}, "
             f"≤{self.max_new_tokens} new tokens, engine {self.engine}"
             + (", sampled reverse-KL estimator" if self.estimator == "sampled" else "")
+            + credit
             + (f", teacher-mixed α={self.teacher_mix}" if self.teacher_mix else "")
             + (", compiled decoding" if self.compile_decode and self.engine == "hf" else "")
             + "); "
@@ -170,6 +179,8 @@ class OnPolicy(Method, name="on_policy"):
             seed=r.train.seed,
             sample_dtype=autocast_dtype(r.train.precision),
             estimator=o.estimator,
+            credit=o.credit,
+            length_norm=o.length_norm,
             teacher_mix=o.teacher_mix,
             collapse_distinct2=o.collapse_distinct2,
             collapse_repetition=o.collapse_repetition,
@@ -286,12 +297,34 @@ class OnPolicy(Method, name="on_policy"):
     def loss(
         self, student: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor]
     ) -> LossSums:
+        labels = batch["labels"]  # (B, T)
+        mask = labels != self.kd.ignore_index  # (B, T)
+        student_h = final_hidden(student, batch)[mask]  # (N, H_s)
+        own = bool(batch.get("sampled_by_student", False))
+        lq = lp = None  # (N,) log q(y), log p(y) of the student's sampled tokens, where needed
+        if own and (self.estimator == "sampled" or self.credit == "sequence"):
+            lq, lp = self.own_logprobs(student, teacher, batch, mask, student_h)
+        if self.estimator == "sampled" and own:
+            sums = self.sampled_loss(lq, lp, mask, student_h)
+        else:
+            sums = self.full_loss(student, teacher, batch, mask, student_h, own)
+        if self.credit == "sequence":
+            sums = self.later_credit(sums, lq, lp, mask, student_h)
+        return sums
+
+    def full_loss(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        batch: dict[str, Tensor],
+        mask: Tensor,
+        student_h: Tensor,
+        own: bool,
+    ) -> LossSums:
+        """The divergence over the whole vocabulary at every scored position (``token_level``'s
+        objective), and the reverse KL at T=1 on the student's own samples for the log."""
         kd = self.kd
         labels = batch["labels"]  # (B, T)
-        mask = labels != kd.ignore_index  # (B, T)
-        student_h = final_hidden(student, batch)[mask]  # (N, H_s)
-        if self.estimator == "sampled" and bool(batch.get("sampled_by_student", False)):
-            return self.sampled_loss(student, teacher, batch, mask, student_h)
         if kd.sparse:  # a served teacher scores the sampled tokens: its top-k per position
             ids, logprobs = kd.teacher_rows(batch, mask, "train")  # (N, k)
 
@@ -310,7 +343,7 @@ class OnPolicy(Method, name="on_policy"):
         # when that is the objective, else one forward-only pass (no gradient work). A served
         # teacher's log-probabilities are at loss.kd_temperature: no T=1 figure unless T=1.
         watch = not (kd.sparse and kd.temperature != 1.0)
-        if watch and bool(batch.get("sampled_by_student", False)):
+        if watch and own:
             if kd.kind == "reverse_kl" and kd.temperature == 1.0 and kd.soft_weight:
                 watched = sums.terms["soft"]
             else:
@@ -322,10 +355,57 @@ class OnPolicy(Method, name="on_policy"):
                         soft_weight=1.0,
                         hard_weight=0.0,
                     ).terms["soft"]
-            s = self.stats  # tensors, read once per log row (no host sync per micro-batch)
-            s["own_kl_sum"] = s.get("own_kl_sum", 0.0) + watched
-            s["own_kl_tokens"] = s.get("own_kl_tokens", 0) + mask.sum()
+            self.watch_own_kl(watched, mask)
         return sums
+
+    def watch_own_kl(self, kl_sum: Tensor, mask: Tensor) -> None:
+        s = self.stats  # tensors, read once per log row (no host sync per micro-batch)
+        s["own_kl_sum"] = s.get("own_kl_sum", 0.0) + kl_sum.detach()
+        s["own_kl_tokens"] = s.get("own_kl_tokens", 0) + mask.sum()
+
+    def own_logprobs(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        batch: dict[str, Tensor],
+        mask: Tensor,
+        student_h: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """(N,) log q(y) (differentiable) and (N,) log p(y) of the scored tokens y, from chunks
+        of positions recomputed in the backward pass: no ``[tokens, vocab]`` logits kept."""
+        y = batch["labels"][mask]  # (N,) the sampled tokens
+        lq = token_logprobs(student, student_h, y, self.kd.vocab_size)  # (N,)
+        with torch.no_grad():
+            teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
+            lp = token_logprobs(teacher, teacher_h, y, self.kd.vocab_size)  # (N,)
+        return lq, lp
+
+    def sampled_loss(self, lq: Tensor, lp: Tensor, mask: Tensor, like: Tensor) -> LossSums:
+        """``on_policy.estimator=sampled``: reverse KL estimated from the student's own sampled
+        tokens alone (:func:`potstill.losses.sampled_reverse_kl`): both models' log-probabilities
+        of those tokens, no divergence over the vocabulary. The soft term's value is the
+        single-sample estimate of the reverse KL."""
+        soft = sampled_reverse_kl(lq, lp).sum()
+        self.watch_own_kl(soft, mask)
+        return weighted_sums({"soft": soft}, {"soft": self.kd.soft_weight}, like=like)
+
+    def later_credit(
+        self, sums: LossSums, lq: Tensor | None, lp: Tensor | None, mask: Tensor, like: Tensor
+    ) -> LossSums:
+        """``on_policy.credit=sequence``: each sampled token's log-probability also carries, as
+        a REINFORCE cost, the mean (``length_norm``) or sum of the sampled reverse KL of the
+        tokens after it in its sample (:func:`potstill.losses.later_mean`), weighted like the
+        soft term and logged as ``long``: MiniLLM's long-term term. Batches the student did not
+        sample add a zero ``long``, so every micro-batch logs the same terms."""
+        if lq is None:
+            long = like.sum().float() * 0.0
+        else:
+            kl = torch.zeros(mask.shape, dtype=lq.dtype, device=lq.device)  # (B, T)
+            kl = kl.masked_scatter(mask, (lq - lp).detach())  # (B, T) row-major, as [mask]
+            later = later_mean(kl, mask, normalise=self.length_norm)[mask]  # (N,)
+            long = reinforce(lq, later).sum()
+        extra = weighted_sums({"long": long}, {"long": self.kd.soft_weight}, like=like)
+        return LossSums(sums.loss + extra.loss, {**sums.terms, **extra.terms})
 
     def pop_stats(self) -> dict[str, float]:
         """Sequence statistics since the last call, for the training log."""
@@ -344,29 +424,6 @@ class OnPolicy(Method, name="on_policy"):
         if "own_kl_tokens" in s and int(s["own_kl_tokens"]):
             out["own_reverse_kl"] = float(s["own_kl_sum"]) / int(s["own_kl_tokens"])
         return out
-
-    def sampled_loss(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        batch: dict[str, Tensor],
-        mask: Tensor,
-        student_h: Tensor,
-    ) -> LossSums:
-        """``on_policy.estimator=sampled``: reverse KL estimated from the student's own sampled
-        tokens alone (:func:`potstill.losses.sampled_reverse_kl`): both models' log-probabilities
-        of those tokens, no divergence over the vocabulary. The soft term's value is the
-        single-sample estimate of the reverse KL."""
-        y = batch["labels"][mask]  # (N,) the sampled tokens
-        student_lp = token_logprobs(student, student_h, y, self.kd.vocab_size)  # (N,)
-        with torch.no_grad():
-            teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
-            teacher_lp = token_logprobs(teacher, teacher_h, y, self.kd.vocab_size)  # (N,)
-        soft = sampled_reverse_kl(student_lp, teacher_lp).sum()
-        s = self.stats
-        s["own_kl_sum"] = s.get("own_kl_sum", 0.0) + soft.detach()
-        s["own_kl_tokens"] = s.get("own_kl_tokens", 0) + mask.sum()
-        return weighted_sums({"soft": soft}, {"soft": self.kd.soft_weight}, like=student_h)
 
     # --- held-out -------------------------------------------------------------------------------
 
