@@ -534,6 +534,8 @@ def test_a_few_on_policy_steps_on_the_bundled_pair(tmp_path, smollm2_dir):
     r = load_recipe(
         "recipes/on_policy_gkd.yaml",
         [f"teacher.model={smollm2_dir}", "train.max_steps=2", f"train.output_dir={tmp_path}",
+         "student.model=null", "student.init=prune", "student.keep_layers=[0, 6, 12, 18, 24, 29]",
+         "on_policy.lmbda=1",
          "on_policy.max_new_tokens=8", "data.max_train_records=8", "data.max_eval_records=2",
          "train.eval_every=0", "train.save_model=false", "train.batch_size=2"],
     )  # fmt: skip
