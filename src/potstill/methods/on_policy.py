@@ -301,13 +301,18 @@ class OnPolicy(Method, name="on_policy"):
         mask = labels != self.kd.ignore_index  # (B, T)
         student_h = final_hidden(student, batch)[mask]  # (N, H_s)
         own = bool(batch.get("sampled_by_student", False))
+        teacher_h = None  # (N, H_t) a live teacher's, computed once for every term that needs it
+        if not self.kd.sparse:
+            with torch.no_grad():
+                teacher_h = final_hidden(teacher, batch)[mask]
         lq = lp = None  # (N,) log q(y), log p(y) of the student's sampled tokens, where needed
         if own and (self.estimator == "sampled" or self.credit == "sequence"):
-            lq, lp = self.own_logprobs(student, teacher, batch, mask, student_h)
+            y = batch["labels"][mask]  # (N,) the sampled tokens
+            lq, lp = self.own_logprobs(student, teacher, student_h, teacher_h, y)
         if self.estimator == "sampled" and own:
             sums = self.sampled_loss(lq, lp, mask, student_h)
         else:
-            sums = self.full_loss(student, teacher, batch, mask, student_h, own)
+            sums = self.full_loss(student, teacher, batch, mask, student_h, teacher_h, own)
         if self.credit == "sequence":
             sums = self.later_credit(sums, lq, lp, mask, student_h)
         return sums
@@ -319,6 +324,7 @@ class OnPolicy(Method, name="on_policy"):
         batch: dict[str, Tensor],
         mask: Tensor,
         student_h: Tensor,
+        teacher_h: Tensor | None,
         own: bool,
     ) -> LossSums:
         """The divergence over the whole vocabulary at every scored position (``token_level``'s
@@ -332,8 +338,6 @@ class OnPolicy(Method, name="on_policy"):
                 return kd.sparse_objective(student, h, labels[mask], ids, logprobs, **override)
 
         else:
-            with torch.no_grad():
-                teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
 
             def objective(h: Tensor, **override: float | str) -> LossSums:
                 return kd.objective(student, teacher, h, teacher_h, labels[mask], **override)
@@ -367,16 +371,14 @@ class OnPolicy(Method, name="on_policy"):
         self,
         student: nn.Module,
         teacher: nn.Module,
-        batch: dict[str, Tensor],
-        mask: Tensor,
         student_h: Tensor,
+        teacher_h: Tensor,
+        y: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """(N,) log q(y) (differentiable) and (N,) log p(y) of the scored tokens y, from chunks
-        of positions recomputed in the backward pass: no ``[tokens, vocab]`` logits kept."""
-        y = batch["labels"][mask]  # (N,) the sampled tokens
+        """(N,) log q(y) (differentiable) and (N,) log p(y) of the scored tokens (N,) y, from
+        chunks of positions recomputed in the backward pass: no ``[tokens, vocab]`` logits kept."""
         lq = token_logprobs(student, student_h, y, self.kd.vocab_size)  # (N,)
         with torch.no_grad():
-            teacher_h = final_hidden(teacher, batch)[mask]  # (N, H_t)
             lp = token_logprobs(teacher, teacher_h, y, self.kd.vocab_size)  # (N,)
         return lq, lp
 
