@@ -249,10 +249,10 @@ def test_the_sampled_estimator_is_the_full_reverse_kl_gradient_in_expectation():
     assert torch.allclose(got, want, atol=1e-12)
 
 
-def test_the_sampled_estimator_matches_a_naive_reference_on_a_tiny_model(setup):
-    """OnPolicy's sampled loss on a student-written batch (chunked, recomputed log-probs) has
-    the loss and gradients of the plain computation from full logits."""
-    from potstill.losses import sampled_reverse_kl
+def own_batch_loss(setup, **kw):
+    """OnPolicy(**kw)'s loss on a batch the student sampled, run backward: (student, teacher,
+    batch, method, sums, its gradients by name, both models' full (B, T, V) log-probabilities,
+    the student's differentiable, its gradients zeroed for a reference to fill)."""
     from potstill.methods.on_policy import OnPolicy
     from potstill.methods.token_level import TokenLevel
 
@@ -260,25 +260,41 @@ def test_the_sampled_estimator_matches_a_naive_reference_on_a_tiny_model(setup):
     student = prune_layers(teacher, [0, 3]).requires_grad_(True)
     batch = collate(examples[:3], pad_token_id=tok.pad_token_id)
     batch["sampled_by_student"] = torch.tensor(True)
-    method = OnPolicy(kd=TokenLevel(kind="reverse_kl", vocab_size=len(tok)), estimator="sampled")
+    method = OnPolicy(kd=TokenLevel(kind="reverse_kl", vocab_size=len(tok)), **kw)
     sums = method.loss(student, teacher, batch)
     sums.loss.backward()
     got = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
+    s_lp = student(batch["input_ids"]).logits.float().log_softmax(-1)  # (B, T, V)
+    with torch.no_grad():
+        t_lp = teacher(batch["input_ids"]).logits.float().log_softmax(-1)
+    return student, teacher, batch, method, sums, got, s_lp, t_lp
+
+
+def assert_grads_match(student, got):
+    for name, p in student.named_parameters():
+        scale = p.grad.abs().max()  # fp32 sums of signed terms: compare against the largest
+        assert (got[name] - p.grad).abs().max() <= 1e-4 * scale, name
+
+
+def test_the_sampled_estimator_matches_a_naive_reference_on_a_tiny_model(setup):
+    """OnPolicy's sampled loss on a student-written batch (chunked, recomputed log-probs) has
+    the loss and gradients of the plain computation from full logits."""
+    from potstill.losses import sampled_reverse_kl
+
+    student, teacher, batch, method, sums, got, s_lp, t_lp = own_batch_loss(
+        setup, estimator="sampled"
+    )
     labels = batch["labels"]  # (B, T), already shifted: position t predicts token t+1
     mask = labels != -100
-    s_lp = student(batch["input_ids"]).logits.float().log_softmax(-1)[mask]  # (N, V)
-    with torch.no_grad():
-        t_lp = teacher(batch["input_ids"]).logits.float().log_softmax(-1)[mask]
+    s_lp, t_lp = s_lp[mask], t_lp[mask]  # (N, V)
     y = labels[mask]
     ref = sampled_reverse_kl(s_lp.gather(-1, y[:, None])[:, 0], t_lp.gather(-1, y[:, None])[:, 0])
     ref.sum().backward()
     assert sums.loss.item() == pytest.approx(ref.sum().item(), rel=1e-4, abs=1e-5)
     assert sums.terms["soft"].item() == pytest.approx(ref.sum().item(), rel=1e-4, abs=1e-5)
     assert max(p.grad.abs().max() for p in student.parameters()) > 0
-    for name, p in student.named_parameters():
-        scale = p.grad.abs().max()  # fp32 sums of signed terms: compare against the largest
-        assert (got[name] - p.grad).abs().max() <= 1e-4 * scale, name
+    assert_grads_match(student, got)
     # data batches (λ < 1) keep the full-vocabulary objective
     batch["sampled_by_student"] = torch.tensor(False)
     full = method.loss(student, teacher, batch)
@@ -316,23 +332,11 @@ def test_sequence_credit_matches_a_naive_reference_on_a_tiny_model(setup, estima
     (or sum) of the sampled reverse KL of the later tokens of its own sample: loss, logged terms
     and gradients equal a per-sample loop over full logits."""
     from potstill.losses import sampled_reverse_kl
-    from potstill.methods.on_policy import OnPolicy
-    from potstill.methods.token_level import TokenLevel
 
-    tok, teacher, examples = setup
-    student = prune_layers(teacher, [0, 3]).requires_grad_(True)
-    batch = collate(examples[:3], pad_token_id=tok.pad_token_id)
-    batch["sampled_by_student"] = torch.tensor(True)
-    kd = TokenLevel(kind="reverse_kl", vocab_size=len(tok))
-    method = OnPolicy(kd=kd, estimator=estimator, credit="sequence", length_norm=length_norm)
-    sums = method.loss(student, teacher, batch)
-    sums.loss.backward()
-    got = {n: p.grad.clone() for n, p in student.named_parameters()}
-    student.zero_grad()
+    student, teacher, batch, method, sums, got, s_lp, t_lp = own_batch_loss(
+        setup, estimator=estimator, credit="sequence", length_norm=length_norm
+    )
     labels = batch["labels"]  # (B, T)
-    s_lp = student(batch["input_ids"]).logits.float().log_softmax(-1)  # (B, T, V)
-    with torch.no_grad():
-        t_lp = teacher(batch["input_ids"]).logits.float().log_softmax(-1)
     soft = long = 0.0
     for b in range(labels.shape[0]):  # one sample at a time, its scored tokens in order
         where = (labels[b] != -100).nonzero()[:, 0]
@@ -350,9 +354,8 @@ def test_sequence_credit_matches_a_naive_reference_on_a_tiny_model(setup, estima
     (soft + long).backward()
     assert sums.terms["long"].item() == pytest.approx(long.item(), rel=1e-4, abs=1e-5)
     assert sums.loss.item() == pytest.approx((soft + long).item(), rel=1e-4, abs=1e-5)
-    for name, p in student.named_parameters():
-        scale = p.grad.abs().max()
-        assert scale > 0 and (got[name] - p.grad).abs().max() <= 1e-4 * scale, name
+    assert all(p.grad.abs().max() > 0 for p in student.parameters())
+    assert_grads_match(student, got)
     # a data batch (λ < 1) logs a zero long-term term, so every micro-batch has the same terms
     batch["sampled_by_student"] = torch.tensor(False)
     assert method.loss(student, teacher, batch).terms["long"].item() == 0.0

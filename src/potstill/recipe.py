@@ -964,14 +964,16 @@ def validate_on_policy(r: Recipe) -> None:
         raise RecipeError(f"`on_policy.lmbda` is a share of batches in [0, 1], got {o.lmbda}")
     if o.estimator not in ("full", "sampled"):
         raise RecipeError(f"`on_policy.estimator` must be full or sampled, got {o.estimator!r}")
+    # what the sampled reverse KL of the student's own tokens needs (the sampled estimator's
+    # soft term, credit=sequence's cost): reverse KL at T=1 from a live teacher
+    sampled_kl = {
+        "loss.kind=reverse_kl": r.loss.kind == "reverse_kl",
+        "loss.kd_temperature=1": r.loss.kd_temperature == 1.0,
+        "teacher.source=live": r.teacher.source == "live",
+    }
     if o.estimator == "sampled" and r.method == "on_policy":
         _require(
-            {
-                "loss.kind=reverse_kl": r.loss.kind == "reverse_kl",
-                "loss.kd_temperature=1": r.loss.kd_temperature == 1.0,
-                "loss.hard_weight=0": r.loss.hard_weight == 0,
-                "teacher.source=live": r.teacher.source == "live",
-            },
+            {**sampled_kl, "loss.hard_weight=0": r.loss.hard_weight == 0},
             "on_policy.estimator=sampled estimates reverse KL at T=1 from a live teacher's "
             "log-probabilities of the sampled tokens",
             "on_policy.estimator=full",
@@ -980,12 +982,7 @@ def validate_on_policy(r: Recipe) -> None:
         raise RecipeError(f"`on_policy.credit` must be token or sequence, got {o.credit!r}")
     if o.credit == "sequence" and r.method == "on_policy":
         _require(
-            {
-                "loss.kind=reverse_kl": r.loss.kind == "reverse_kl",
-                "loss.kd_temperature=1": r.loss.kd_temperature == 1.0,
-                "teacher.source=live": r.teacher.source == "live",
-                "on_policy.teacher_mix=0": not o.teacher_mix,
-            },
+            {**sampled_kl, "on_policy.teacher_mix=0": not o.teacher_mix},
             "on_policy.credit=sequence charges each sampled token the reverse KL at T=1 of the "
             "student's own later tokens, from a live teacher's log-probabilities (a teacher "
             "mixture would need importance weights)",

@@ -307,8 +307,7 @@ class OnPolicy(Method, name="on_policy"):
                 teacher_h = final_hidden(teacher, batch)[mask]
         lq = lp = None  # (N,) log q(y), log p(y) of the student's sampled tokens, where needed
         if own and (self.estimator == "sampled" or self.credit == "sequence"):
-            y = batch["labels"][mask]  # (N,) the sampled tokens
-            lq, lp = self.own_logprobs(student, teacher, student_h, teacher_h, y)
+            lq, lp = self.own_logprobs(student, teacher, student_h, teacher_h, labels[mask])
         if self.estimator == "sampled" and own:
             sums = self.sampled_loss(lq, lp, mask, student_h)
         else:
