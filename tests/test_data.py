@@ -441,3 +441,31 @@ def test_bundled_errors():
         load_records("bundled:shakespeare?size=3")
     with pytest.raises(DataError, match="bad options"):
         load_records("bundled:rg/gsm_symbolic?colour=blue")
+
+
+@pytest.mark.parametrize("held_out", ["separate", "sampled"])
+def test_measuring_reads_the_same_held_out_set_without_tokenizing_the_training_set(
+    held_out, tmp_path, smollm2_tokenizer, monkeypatch, capsys
+):
+    from potstill import prepare
+    from potstill.recipe import load_recipe
+
+    rows = [{"prompt": f"{a} plus 2 is", "completion": f" {a + 2}"} for a in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    data = ["method=sft", "student.model=x", f"data.train={tmp_path / 'train.jsonl'}"]
+    data.append("data.max_eval_records=5")
+    if held_out == "separate":
+        data.append(f"data.eval={tmp_path / 'eval.jsonl'}")
+    r = load_recipe(None, data)
+    full = prepare.load_data(r, smollm2_tokenizer)
+    assert "train data" in capsys.readouterr().out
+    seen = []
+    monkeypatch.setattr(
+        prepare, "tokenize_records", lambda records, *a, **k: seen.append(len(records)) or
+        tokenize_records(records, *a, **k),
+    )  # fmt: skip
+    measured = prepare.load_data(r, smollm2_tokenizer, held_out_only=True)
+    assert seen == [5] and measured.train == [] and "train data" not in capsys.readouterr().out
+    assert measured.eval == full.eval and measured.eval_records == full.eval_records
+    assert len(full.train) == (40 if held_out == "separate" else 35)

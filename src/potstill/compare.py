@@ -76,7 +76,7 @@ def compare_students(
     tokenizer = next(iter(tokenizers.values()))  # the held-out set is tokenised once, by the first
     if r.method == "cross_tokenizer":
         return _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenizer)
-    data = load_data(r, tokenizer)
+    data = load_data(r, tokenizer, held_out_only=True)
     batches = fixed_batches(
         data.eval, batch_size=r.train.batch_size, pad_id=pad_token_id(tokenizer)
     )
@@ -137,7 +137,7 @@ def _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenize
 
     method = build_method(r, vocab_size=None)
     method.bind(tokenizer, teacher_tokenizer)
-    data = load_data(r, tokenizer, method)
+    data = load_data(r, tokenizer, method, held_out_only=True)
     batches = fixed_batches(
         data.eval, batch_size=r.train.batch_size, pad_id=pad_token_id(tokenizer)
     )

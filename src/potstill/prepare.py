@@ -243,14 +243,22 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
     )
 
 
-def load_data(r: Recipe, tokenizer: Any, method: Method | None = None) -> Data:
+def load_data(
+    r: Recipe, tokenizer: Any, method: Method | None = None, *, held_out_only: bool = False
+) -> Data:
     """Read and tokenize the train and held-out sets; prints the truncation report.
 
     A ``method`` that ``encodes_records`` tokenizes records through its ``example`` hook (e.g.
-    cross_tokenizer: both tokenizers and their alignment)."""
+    cross_tokenizer: both tokenizers and their alignment). ``held_out_only`` (measuring, not
+    training): the held-out set alone; the training records are read only where it is drawn
+    from them, and never tokenized.
+    """
     d = r.data
-    train_records = load_records(d.train, split=d.train_split, limit=d.max_train_records)
-    if d.eval or d.train.startswith("bundled:"):  # a separate held-out source or split
+    separate = bool(d.eval) or d.train.startswith("bundled:")  # a held-out source or split
+    train_records = []
+    if not (held_out_only and separate):
+        train_records = load_records(d.train, split=d.train_split, limit=d.max_train_records)
+    if separate:
         eval_source = d.eval or d.train
         eval_records = load_records(eval_source, split=d.eval_split, limit=d.max_eval_records)
     else:  # hold out a seeded sample of the training records
@@ -259,37 +267,36 @@ def load_data(r: Recipe, tokenizer: Any, method: Method | None = None) -> Data:
             train_records, d.max_eval_records or 200, seed=r.train.seed
         )
     encode = method.example if method is not None and method.encodes_records else None
-    slow = encode is not None  # e.g. two tokenizers and an alignment per record: show progress
-    train, train_stats = tokenize_records(
-        train_records,
-        tokenizer,
-        max_length=d.max_length,
-        packing=d.packing,
-        progress=slow,
-        encode=encode,
+
+    def tokenize(records: list[dict], packing: bool) -> tuple[list[Example], TokenizeStats]:
+        return tokenize_records(
+            records,
+            tokenizer,
+            max_length=d.max_length,
+            packing=packing,
+            progress=encode is not None,  # e.g. two tokenizers and an alignment per record
+            encode=encode,
+        )
+
+    train, train_stats = (
+        ([], TokenizeStats()) if held_out_only else tokenize(train_records, d.packing)
     )
-    held, eval_stats = tokenize_records(
-        eval_records,
-        tokenizer,
-        max_length=d.max_length,
-        packing=False,
-        progress=slow,
-        encode=encode,
-    )
-    if not train:  # an empty stream would spin for ever looking for a batch
+    held, eval_stats = tokenize(eval_records, False)
+    if not train and not held_out_only:  # an empty stream would spin for ever looking for a batch
         raise DataError(
             f"no training record of {d.train} keeps a target token within "
             f"data.max_length={d.max_length} ({train_stats.dropped:,} dropped: prompts as long as "
             "that); raise data.max_length or shorten the prompts"
         )
-    if r.teacher.source == "cache":  # the cache's rows are found by example index
+    if r.teacher.source == "cache" and not held_out_only:  # rows are found by example index
         from potstill.teachers.cache import check_split, read_manifest
 
         manifest = read_manifest(r.teacher.cache)
         check_split(manifest, r.teacher.cache, "train", train)
         check_split(manifest, r.teacher.cache, "eval", held)
         train, held = with_example_index(train), with_example_index(held)
-    print(f"train data ({d.train}): {train_stats.summary()}")
+    if not held_out_only:
+        print(f"train data ({d.train}): {train_stats.summary()}")
     print(f"eval data ({eval_source}): {eval_stats.summary()}")
     return Data(
         train=train,

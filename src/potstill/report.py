@@ -153,7 +153,7 @@ def build_report(
                 f"{run.name} ({run.path}) has another tokenizer than {runs[0].name}: a report card "
                 "compares runs on one tokenisation of the held-out set; report them separately"
             )
-    data = load_data(first, tokenizer)
+    data = load_data(first, tokenizer, held_out_only=True)
     batches = fixed_batches(
         data.eval, batch_size=first.train.batch_size, pad_id=pad_token_id(tokenizer)
     )
