@@ -19,8 +19,10 @@ space (see `_split_of`), the Python library holds out whole modules (`_python_sp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import os
 import random
 import re
 from pathlib import Path
@@ -220,20 +222,23 @@ def python_records(
     splits never share a module; records come in a seeded shuffle, so a `limit` spreads over many
     modules. The text is that of the running Python (figures name its version).
     """
-    import sysconfig
-
     if kind not in PYTHON_KINDS:
         raise DataError(f"bundled:python: kind must be one of {PYTHON_KINDS}, not {kind!r}")
+    return [dict(r) for r in _python_records(split, kind, chunk_chars)]  # the caller's own copies
+
+
+@functools.lru_cache(maxsize=8)
+def _python_records(split: str, kind: str, chunk_chars: int) -> tuple[dict, ...]:
+    """python_records, read once per process (the report card measures on it for every model)."""
+    import sysconfig
+
     root = Path(sysconfig.get_paths()["stdlib"])
     records = []
-    for path in sorted(root.rglob("*.py")):
-        name = path.relative_to(root).as_posix()
-        if any(part in PYTHON_SKIP or part.startswith("test_") for part in name.split("/")):
-            continue
+    for name in _python_modules(root):
         if _python_split(name) != split:
             continue
         try:
-            source = path.read_text(encoding="utf-8")
+            source = (root / name).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
         text = source if kind == "code" else _docstrings(source)
@@ -241,7 +246,22 @@ def python_records(
             if len(chunk) >= 200:  # a lone short line teaches and measures little
                 records.append({"text": chunk, "module": name})
     random.Random(0).shuffle(records)
-    return records
+    return tuple(records)
+
+
+def _python_modules(root: Path) -> list[str]:
+    """The library's module paths under ``root`` (posix, sorted), tests and installed packages
+    left out: their folders are never entered."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [
+            d for d in subfolders if d not in PYTHON_SKIP and not d.startswith("test_")
+        ]
+        rel = Path(folder).relative_to(root)
+        found += [
+            (rel / f).as_posix() for f in files if f.endswith(".py") and not f.startswith("test_")
+        ]
+    return sorted(found, key=lambda name: name.split("/"))  # as Path objects sort
 
 
 def _python_split(name: str) -> str:
