@@ -19,12 +19,13 @@ import contextlib
 import time
 
 import torch
-import torch.nn.functional as F
 from _pair import cpu_name
 from torch import nn
 
 from potstill.data import load_records, tokenize_records
 from potstill.demo import DEMO_OVERRIDES
+from potstill.evaluate import supervised_logits
+from potstill.losses import divergence
 from potstill.models import decoder_layers, load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import load_recipe
@@ -47,30 +48,26 @@ def only_layers(model: nn.Module, keep: list[int]):
         setattr(holder, attr, every)
 
 
-def log_probs(model: nn.Module, batch: dict) -> torch.Tensor:
-    """(N, V) log-probabilities at the batch's supervised positions."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
-    ).logits  # (B, T, V)
-    return F.log_softmax(logits[batch["labels"] != -100].float(), dim=-1)
+def logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """(N, V) logits at the batch's supervised positions, as the held-out evaluation takes them."""
+    return supervised_logits(model, batch, batch["labels"] != -100, None, None)
 
 
 class Scorer:
     """Teacher KL (forward, nats per supervised token) of a layer subset on fixed batches, the
-    teacher's log-probabilities computed once."""
+    teacher's logits computed once."""
 
     def __init__(self, model: nn.Module, batches: list[dict]):
         self.model, self.batches = model, batches
         with torch.no_grad():
-            self.teacher = [log_probs(model, b) for b in batches]
+            self.teacher = [logits(model, b) for b in batches]
 
     @torch.no_grad()
     def __call__(self, keep: list[int]) -> float:
         total, tokens = 0.0, 0
         with only_layers(self.model, keep):
             for batch, t in zip(self.batches, self.teacher, strict=True):
-                s = log_probs(self.model, batch)
-                total += float((t.exp() * (t - s)).sum())
+                total += float(divergence(logits(self.model, batch), t, "forward_kl").sum())
                 tokens += t.shape[0]
         return total / tokens
 

@@ -278,26 +278,27 @@ def load_data(
             encode=encode,
         )
 
-    train, train_stats = (
-        ([], TokenizeStats()) if held_out_only else tokenize(train_records, d.packing)
-    )
     held, eval_stats = tokenize(eval_records, False)
-    if not train and not held_out_only:  # an empty stream would spin for ever looking for a batch
+    eval_summary = f"eval data ({eval_source}): {eval_stats.summary()}"
+    if held_out_only:
+        print(eval_summary)
+        return Data([], held, TokenizeStats(), eval_stats, eval_records)
+    train, train_stats = tokenize(train_records, d.packing)
+    if not train:  # an empty stream would spin for ever looking for a batch
         raise DataError(
             f"no training record of {d.train} keeps a target token within "
             f"data.max_length={d.max_length} ({train_stats.dropped:,} dropped: prompts as long as "
             "that); raise data.max_length or shorten the prompts"
         )
-    if r.teacher.source == "cache" and not held_out_only:  # rows are found by example index
+    if r.teacher.source == "cache":  # the cache's rows are found by example index
         from potstill.teachers.cache import check_split, read_manifest
 
         manifest = read_manifest(r.teacher.cache)
         check_split(manifest, r.teacher.cache, "train", train)
         check_split(manifest, r.teacher.cache, "eval", held)
         train, held = with_example_index(train), with_example_index(held)
-    if not held_out_only:
-        print(f"train data ({d.train}): {train_stats.summary()}")
-    print(f"eval data ({eval_source}): {eval_stats.summary()}")
+    print(f"train data ({d.train}): {train_stats.summary()}")
+    print(eval_summary)
     return Data(
         train=train,
         eval=held,
