@@ -1,5 +1,5 @@
 """potstill's command line: ``train``, ``check``, ``evaluate``, ``generate``, ``cache``,
-``serve``, ``export``, ``report``, ``plan``, ``demo`` and ``keys``."""
+``serve``, ``export``, ``report``, ``plan``, ``pick-layers``, ``demo`` and ``keys``."""
 
 from __future__ import annotations
 
@@ -201,6 +201,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pick_layers(args: argparse.Namespace) -> int:
+    from potstill.layer_search import pick_layers
+    from potstill.recipe import load_recipe
+
+    pick_layers(load_recipe(args.recipe, args.overrides), args.layers, records=args.records)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from potstill.export import export_gguf
 
@@ -239,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
               potstill cache recipes/token_level_cached.yaml  # teacher top-k on disk, then train
               potstill report runs/demo/kd runs/demo/ce      # the report card of finished runs
               potstill plan recipes/token_level_forward_kl.yaml --gpus 8 --gpu-memory 80
+              potstill pick-layers recipes/token_level_forward_kl.yaml --layers 6
               potstill serve bundled:smollm2-135m-instruct    # an OpenAI-compatible teacher
               potstill keys                                   # every recipe key with its meaning
             """
@@ -462,6 +471,22 @@ def build_parser() -> argparse.ArgumentParser:
         "measured on this machine)",
     )
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser(
+        "pick-layers",
+        help="search which teacher layers a pruned student should keep (student.keep_layers)",
+        description=(
+            "Greedy search for student.init=prune: start from the first and last layer of the "
+            "model the recipe prunes and add, one at a time, the layer that lowers the KL to the "
+            "full model most on the first --records records of data.train. Prints each round and "
+            "the pick as a student.keep_layers override."
+        ),
+    )
+    _add_recipe_args(p)
+    p.add_argument("--layers", type=int, required=True, help="how many layers the student keeps")
+    p.add_argument(
+        "--records", type=int, default=16, help="calibration records of data.train (default: 16)"
+    )
+    p.set_defaults(fn=cmd_pick_layers)
     p = sub.add_parser("keys", help="list every recipe key with its default and meaning")
     p.set_defaults(fn=cmd_keys)
     return parser

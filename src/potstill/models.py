@@ -10,8 +10,10 @@ A model name is one of:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,37 +232,55 @@ def _renumber_layer(layer: nn.Module, new_index: int) -> None:
             module.layer_idx = new_index
 
 
+@contextlib.contextmanager
+def only_layers(model: nn.Module, keep: list[int]) -> Iterator[nn.Module]:
+    """``model`` itself, running only the decoder layers ``keep`` (sorted ascending) inside the
+    block: the layer list, the config's layer count and per-layer lists (``layer_types`` for
+    sliding/full attention, ...) and each kept layer's ``layer_idx`` (the KV cache's index) are
+    those of the pruned model; all are put back on leaving. No weights are copied."""
+    holder, attr = decoder_layers(model)
+    every = getattr(holder, attr)
+    keep = validate_keep(keep, len(every))
+    config = model.config.get_text_config()
+    fields = ("num_hidden_layers", *PER_LAYER_CONFIG_LISTS)
+    saved = {f: getattr(config, f) for f in fields if hasattr(config, f)}
+    indices = [
+        (module, module.layer_idx)
+        for i in keep
+        for module in every[i].modules()
+        if isinstance(getattr(module, "layer_idx", None), int)
+    ]
+    setattr(holder, attr, nn.ModuleList([every[i] for i in keep]))
+    for new_index, layer in enumerate(getattr(holder, attr)):
+        _renumber_layer(layer, new_index)
+    for field in PER_LAYER_CONFIG_LISTS:
+        values = saved.get(field)
+        if isinstance(values, list | tuple) and len(values) == len(every):
+            setattr(config, field, [values[i] for i in keep])
+    config.num_hidden_layers = len(keep)
+    try:
+        yield model
+    finally:
+        setattr(holder, attr, every)
+        for field, value in saved.items():
+            setattr(config, field, value)
+        for module, index in indices:
+            module.layer_idx = index
+
+
 def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     """A new model (deep copy) that keeps only the decoder layers ``keep`` (sorted ascending).
 
-    Embeddings, final norm and LM head are kept. The config's layer count and per-layer lists
-    (``layer_types`` for sliding/full attention, ...) follow, and each layer's ``layer_idx`` is
-    renumbered so the KV cache works.
+    Embeddings, final norm and LM head are kept; the copy's config and layer indices are those
+    :func:`only_layers` sets, and ``model`` is left as it was.
     """
-    config = model.config.get_text_config()
-    if getattr(config, "is_heterogeneous", False):
+    if getattr(model.config.get_text_config(), "is_heterogeneous", False):
         raise ModelLoadError(
             f"{type(model).__name__} has per-layer configs (per_layer_config); "
             "prune_layers does not support them"
         )
-    holder, attr = decoder_layers(model)
-    num_layers = len(getattr(holder, attr))
-    keep = validate_keep(keep, num_layers)
-
-    pruned = copy.deepcopy(model)
-    holder, attr = decoder_layers(pruned)
-    old_layers = getattr(holder, attr)
-    setattr(holder, attr, nn.ModuleList([old_layers[i] for i in keep]))
-    for new_index, layer in enumerate(getattr(holder, attr)):
-        _renumber_layer(layer, new_index)
-
-    pruned_config = pruned.config.get_text_config()
-    for field in PER_LAYER_CONFIG_LISTS:
-        values = getattr(pruned_config, field, None)
-        if isinstance(values, list | tuple) and len(values) == num_layers:
-            setattr(pruned_config, field, [values[i] for i in keep])
-    pruned_config.num_hidden_layers = len(keep)
-    return pruned
+    with only_layers(model, keep):
+        return copy.deepcopy(model)  # the layers set aside are not reachable: not copied
 
 
 # ---------------------------------------------------------------------------------------------
