@@ -55,10 +55,10 @@ def main() -> None:
     for name, keep in picks.items():
         print(f"  {name:34s} {keep}  {held_out(keep):.3f}", flush=True)
 
-    rounds = greedy_layers(search, layers, KEEP)
-    for r in rounds:
+    seconds = 0.0
+    for r in greedy_layers(search, layers, KEEP):
         print(f"  greedy: {r.keep}  calibration KL {r.kl:.3f}", flush=True)
-    keep, seconds = rounds[-1].keep, sum(r.seconds for r in rounds)
+        keep, seconds = r.keep, seconds + r.seconds
     print(
         f"  greedy search ({args.calibration} records, {seconds:.0f} s) {keep}  {held_out(keep):.3f}"
     )

@@ -75,21 +75,18 @@ def test_scorer_is_the_kl_of_pruned_copies(tiny_llama):
 def test_greedy_takes_the_best_candidate_each_round(tiny_llama):
     model = tiny_llama(VOCAB, layers=6).eval()
     score = KLScorer(model, batches_for(VOCAB))
-    rounds = greedy_layers(score, 6, 4, progress=False)
+    rounds = list(greedy_layers(score, 6, 4, progress=False))
     assert [len(r.keep) for r in rounds] == [3, 4] and [r.candidates for r in rounds] == [4, 3]
     first = {i: score(sorted([0, 5, i])) for i in range(1, 5)}
     assert rounds[0].keep == sorted([0, 5, min(first, key=first.get)])
     assert rounds[0].kl == pytest.approx(min(first.values()))
     # a crafted score: lower for higher indices, ties broken towards the lower index
-    assert greedy_layers(lambda k: -max(k[1:-1], default=0), 8, 3, progress=False)[0].keep == [
-        0,
-        6,
-        7,
-    ]
-    assert greedy_layers(lambda k: 0.0, 8, 4, progress=False)[-1].keep == [0, 1, 2, 7]
-    assert greedy_layers(lambda k: 0.0, 8, 3, start=[2], progress=False)[-1].keep == [0, 1, 2]
+    highest = list(greedy_layers(lambda k: -max(k[1:-1], default=0), 8, 3, progress=False))
+    assert highest[0].keep == [0, 6, 7]
+    assert list(greedy_layers(lambda k: 0.0, 8, 4, progress=False))[-1].keep == [0, 1, 2, 7]
+    assert list(greedy_layers(lambda k: 0.0, 8, 3, start=[2], progress=False))[-1].keep == [0, 1, 2]
     with pytest.raises(ValueError, match="cannot grow 2 start layers to 9 of 8"):
-        greedy_layers(lambda k: 0.0, 8, 9)
+        next(greedy_layers(lambda k: 0.0, 8, 9))
 
 
 def test_evenly_spread():

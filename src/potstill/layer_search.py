@@ -17,7 +17,7 @@ Memory: the full model's logits at every supervised calibration position are kep
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,14 +71,13 @@ def greedy_layers(
     *,
     start: Sequence[int] | None = None,
     progress: bool = True,
-) -> list[Round]:
+) -> Iterator[Round]:
     """Grow ``start`` (default: the first and last layer) to ``n`` layers, each round adding the
-    layer whose set ``score`` rates lowest; one :class:`Round` per added layer (ties: the lower
-    index)."""
+    layer whose set ``score`` rates lowest; yields one :class:`Round` as each layer is added
+    (ties: the lower index)."""
     keep = sorted(start if start is not None else {0, num_layers - 1})
     if not 0 < len(keep) <= n <= num_layers:
         raise ValueError(f"cannot grow {len(keep)} start layers to {n} of {num_layers}")
-    rounds = []
     while len(keep) < n:
         began = time.perf_counter()
         candidates = [i for i in range(num_layers) if i not in keep]
@@ -88,8 +87,7 @@ def greedy_layers(
         scores = {i: score(sorted([*keep, i])) for i in bar}
         best = min(candidates, key=lambda i: (scores[i], i))
         keep = sorted([*keep, best])
-        rounds.append(Round(keep, scores[best], len(candidates), time.perf_counter() - began))
-    return rounds
+        yield Round(keep, scores[best], len(candidates), time.perf_counter() - began)
 
 
 def pick_layers(recipe, n: int, *, records: int = 16, batch_size: int = 8) -> list[int]:
