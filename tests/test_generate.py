@@ -241,6 +241,25 @@ def test_keep_modes(tmp_path, keep, per_prompt, samples):
     assert {line["kept"] for line in ledger} == {per_prompt}
 
 
+def test_a_repeated_prompt_is_drawn_once(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [write_prompts(tmp_path / "seven.jsonl").read_text().splitlines()[i] for i in (0, 1, 0)]
+    prompts.write_text("\n".join([*rows, rows[1], rows[0]]) + "\n")  # 0 1 0 1 0
+    r = make_recipe(tmp_path, *SAMPLED, "generate.batch_size=2")
+    backend = ScriptedBackend()
+    report = run_generate(r, backend=backend, progress=False)
+    assert len(backend.seen) == 2 and report.repeats_this_run == 3
+    records = read(r.generate.output)
+    assert len(records) == report.kept == 5 * 4
+    texts = [[x["completion"][0]["content"] for x in records if x["prompt_id"] == pid] for pid in
+             dict.fromkeys(x["prompt_id"] for x in records)]  # fmt: skip
+    assert texts[0] == texts[2] == texts[4] != texts[1] == texts[3]  # the same samples as drawn
+    ledger = [line["tokens"] for line in read(ledger_path(Path(r.generate.output)))]
+    assert report.tokens_this_run == ledger[0] + ledger[1]  # only the first two were decoded
+    assert report.tokens == sum(ledger) and ledger[0] == ledger[2] == ledger[4]
+    assert "3 prompts repeat an earlier one and took its samples" in report.table()
+
+
 def test_no_answer_is_counted_not_fatal(tmp_path):
     def shy(prompt, sample, seed):
         return "I would rather not say." if sample == 0 else arithmetic_script(prompt, 1, seed)

@@ -356,8 +356,9 @@ class GenerateReport:
     correct: int | None  # verified-correct samples (None: nothing verified)
     solved: int | None  # prompts with at least one correct sample
     no_answer: int | None  # samples with no final answer to read (None: verify none)
-    tokens: int  # completion tokens generated, all runs
-    tokens_this_run: int
+    tokens: int  # completion tokens of every finished prompt's samples, all runs
+    tokens_this_run: int  # decoded in this run (a repeated prompt's samples are not drawn again)
+    repeats_this_run: int  # prompts that took the samples of an earlier identical prompt
     seconds: float  # generation time of this run (model loading excluded)
     acceptance_yield: float | None  # correct / verified samples
     per_task: dict[str, dict] = field(default_factory=dict)
@@ -400,6 +401,10 @@ class GenerateReport:
             f"{self.tokens:,} completion tokens; this run {self.tokens_this_run:,} in "
             f"{self.seconds:.1f} s ({rate:,.0f} tokens/s); teacher {self.teacher}"
         )
+        if self.repeats_this_run:
+            tail += (
+                f"\n{self.repeats_this_run:,} prompts repeat an earlier one and took its samples"
+            )
         return "\n".join([head, *lines, tail])
 
     def _totals(self) -> dict:
@@ -445,6 +450,7 @@ def build_report(
     prompts_this_run: int,
     tokens_this_run: int,
     seconds: float,
+    repeats_this_run: int = 0,
 ) -> GenerateReport:
     total = summarize(lines)
     by_task: dict[str, list[dict]] = {}
@@ -466,6 +472,7 @@ def build_report(
         no_answer=total["no_answer"],
         tokens=total["tokens"],
         tokens_this_run=tokens_this_run,
+        repeats_this_run=repeats_this_run,
         seconds=round(seconds, 3),
         acceptance_yield=total["yield"],
         per_task={name: summarize(rows) for name, rows in sorted(by_task.items())},
@@ -619,8 +626,13 @@ def _run(
             f"n={g.n}, temperature={g.temperature}, teacher {teacher} -> {output}"
         )
     started = time.perf_counter()
-    tokens_this_run = 0
+    tokens_this_run = 0  # decoded by the backend: repeats are not drawn again
     finished_this_run = 0
+    repeats_this_run = 0
+    # A prompt that the source repeats is drawn once: backends seed each sample from
+    # generate.seed and the prompt, so drawing it again would give the same samples (and on a
+    # task with few distinct questions, e.g. small sums, half the prompts are repeats).
+    answered: dict[str, list] = {}  # prompt digest -> its n completions, this run
 
     def report() -> GenerateReport:
         result = build_report(
@@ -629,6 +641,7 @@ def _run(
             teacher=teacher,
             prompts_total=len(items),
             prompts_this_run=finished_this_run,
+            repeats_this_run=repeats_this_run,
             tokens_this_run=tokens_this_run,
             seconds=time.perf_counter() - started,
         )
@@ -650,13 +663,18 @@ def _run(
                 seed=g.seed,  # backends seed per prompt (and sample): batching does not matter
             )
             prompts = [teacher_prompt(it.prompt, instruction) for it in batch]
+            keys = [_digest(p) for p in prompts]
+            fresh = list(dict.fromkeys(k for k in keys if k not in answered))  # first occurrences
             try:
-                outputs = backend.generate(prompts, params)  # [len(batch)][n]
-                if len(outputs) != len(batch) or any(len(o) != g.n for o in outputs):
-                    raise GenerationError(
-                        f"the backend returned {[len(o) for o in outputs]} completions for "
-                        f"{len(batch)} prompts × n={g.n}"
-                    )
+                if fresh:
+                    drawn = backend.generate([prompts[keys.index(k)] for k in fresh], params)
+                    if len(drawn) != len(fresh) or any(len(o) != g.n for o in drawn):
+                        raise GenerationError(
+                            f"the backend returned {[len(o) for o in drawn]} completions for "
+                            f"{len(fresh)} prompts × n={g.n}"
+                        )
+                    answered.update(zip(fresh, drawn, strict=True))
+                outputs = [answered[k] for k in keys]  # [len(batch)][n]
             except GenerationError as e:
                 if not lines and not existed:  # nothing done: leave nothing behind
                     output.unlink(missing_ok=True)
@@ -684,7 +702,8 @@ def _run(
             append_jsonl(ledger_path(output), new_lines)
             lines += new_lines
             finished_this_run += len(batch)
-            tokens_this_run += sum(line["tokens"] for line in new_lines)
+            repeats_this_run += len(batch) - len(fresh)
+            tokens_this_run += sum(c.num_tokens for k in fresh for c in answered[k])
             bar.update(len(batch))
             if progress:
                 elapsed = max(time.perf_counter() - started, 1e-9)
