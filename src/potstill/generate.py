@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -632,7 +633,9 @@ def _run(
     # A prompt that the source repeats is drawn once: backends seed each sample from
     # generate.seed and the prompt, so drawing it again would give the same samples (and on a
     # task with few distinct questions, e.g. small sums, half the prompts are repeats).
-    answered: dict[str, list] = {}  # prompt digest -> its n completions, this run
+    keys_todo = Counter(_digest(teacher_prompt(it.prompt, instruction)) for it in todo)
+    repeated = {k for k, count in keys_todo.items() if count > 1}  # only these are remembered
+    answered: dict[str, list] = {}  # digest of a repeated prompt -> its n completions
 
     def report() -> GenerateReport:
         result = build_report(
@@ -666,6 +669,7 @@ def _run(
             keys = [_digest(p) for p in prompts]
             fresh = list(dict.fromkeys(k for k in keys if k not in answered))  # first occurrences
             try:
+                new: dict[str, list] = {}
                 if fresh:
                     drawn = backend.generate([prompts[keys.index(k)] for k in fresh], params)
                     if len(drawn) != len(fresh) or any(len(o) != g.n for o in drawn):
@@ -673,8 +677,9 @@ def _run(
                             f"the backend returned {[len(o) for o in drawn]} completions for "
                             f"{len(fresh)} prompts × n={g.n}"
                         )
-                    answered.update(zip(fresh, drawn, strict=True))
-                outputs = [answered[k] for k in keys]  # [len(batch)][n]
+                    new = dict(zip(fresh, drawn, strict=True))
+                outputs = [new[k] if k in new else answered[k] for k in keys]  # [len(batch)][n]
+                answered.update((k, o) for k, o in new.items() if k in repeated)
             except GenerationError as e:
                 if not lines and not existed:  # nothing done: leave nothing behind
                     output.unlink(missing_ok=True)
@@ -703,7 +708,7 @@ def _run(
             lines += new_lines
             finished_this_run += len(batch)
             repeats_this_run += len(batch) - len(fresh)
-            tokens_this_run += sum(c.num_tokens for k in fresh for c in answered[k])
+            tokens_this_run += sum(c.num_tokens for samples in new.values() for c in samples)
             bar.update(len(batch))
             if progress:
                 elapsed = max(time.perf_counter() - started, 1e-9)
