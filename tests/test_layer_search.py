@@ -111,5 +111,7 @@ def test_pick_layers_command(tmp_path, tiny_chat_lm, tiny_llama, capsys):
     assert "evenly spread [0, 2, 4]: KL" in out and "the recipe's [0, 1, 4]: KL" in out
     pick = out.strip().splitlines()[-1]
     assert pick.startswith("student.keep_layers=[0, ") and pick.endswith(", 4]")
+    assert main(["pick-layers", str(recipe), "--layers", "2", "--records", "2"]) == 0
+    assert capsys.readouterr().out.strip().endswith("student.keep_layers=[0, 4]")
     assert main(["pick-layers", str(recipe), "--layers", "5"]) == 2
     assert "--layers must be 2 to 4" in capsys.readouterr().err

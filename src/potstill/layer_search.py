@@ -141,7 +141,9 @@ def pick_layers(recipe, n: int, *, records: int = 16, batch_size: int = 8) -> li
     print(f"  evenly spread {spread}: KL {score(spread):.3f}")
     if s.keep_layers and len(s.keep_layers) == n and s.keep_layers != spread:
         print(f"  the recipe's {list(s.keep_layers)}: KL {score(list(s.keep_layers)):.3f}")
+    keep = [0, num_layers - 1]  # n = 2: the start is the pick
     for r in greedy_layers(score, num_layers, n):
         print(f"  {r.keep}: KL {r.kl:.3f} (best of {r.candidates}, {r.seconds:.0f} s)", flush=True)
-    print(f"student.keep_layers={r.keep}")
-    return r.keep
+        keep = r.keep
+    print(f"student.keep_layers={keep}")
+    return keep
