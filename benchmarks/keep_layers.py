@@ -18,9 +18,8 @@ import argparse
 import torch
 from _pair import cpu_name
 
-from potstill.data import load_records, tokenize_records
 from potstill.demo import DEMO_OVERRIDES
-from potstill.layer_search import KLScorer, greedy_layers
+from potstill.layer_search import KLScorer, calibration_batches, greedy_layers
 from potstill.models import load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import load_recipe
@@ -43,10 +42,7 @@ def main() -> None:
     recipe = load_recipe(None, list(DEMO_OVERRIDES))
     held = load_data(recipe, tokenizer, held_out_only=True).eval
     held_out = KLScorer(model, fixed_batches(held, batch_size=8, pad_id=pad))
-    calibration, _ = tokenize_records(
-        load_records(recipe.data.train, limit=args.calibration), tokenizer, max_length=256
-    )
-    search = KLScorer(model, fixed_batches(calibration, batch_size=8, pad_id=pad))
+    search = KLScorer(model, calibration_batches(recipe, tokenizer, args.calibration))
 
     print(f"{cpu_name()}; teacher KL of the pruned start on 48 held-out problems")
     picks = {"evenly spread (the former demo)": [0, 6, 12, 18, 24, 29]}

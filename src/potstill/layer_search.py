@@ -25,8 +25,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from potstill.evaluate import supervised_logits
-from potstill.losses import divergence
+from potstill.losses import DIVERGENCES
 from potstill.models import only_layers
+
+FORWARD_KL = DIVERGENCES["forward_kl"]  # KL(full ‖ pruned): terms(log_q, log_p).sum(-1)
 
 
 def evenly_spread(num_layers: int, n: int) -> list[int]:
@@ -40,18 +42,19 @@ class KLScorer:
 
     def __init__(self, model: nn.Module, batches: Sequence[dict[str, Tensor]]):
         self.model, self.batches = model, list(batches)
-        with torch.no_grad():
-            self.full = [self._logits(b) for b in self.batches]  # (N_b, V) per batch
+        with torch.no_grad():  # the full model's log-probabilities, normalised once
+            self.full = [self._log_probs(b) for b in self.batches]  # (N_b, V) per batch
 
-    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
-        return supervised_logits(self.model, batch, batch["labels"] != -100, None, None)
+    def _log_probs(self, batch: dict[str, Tensor]) -> Tensor:
+        logits = supervised_logits(self.model, batch, batch["labels"] != -100, None, None)
+        return torch.log_softmax(logits.float(), dim=-1)
 
     @torch.no_grad()
     def __call__(self, keep: list[int]) -> float:
         total, tokens = 0.0, 0
         with only_layers(self.model, keep):
             for batch, full in zip(self.batches, self.full, strict=True):
-                total += float(divergence(self._logits(batch), full, "forward_kl").sum())
+                total += float(FORWARD_KL.terms(self._log_probs(batch), full).sum())
                 tokens += full.shape[0]
         return total / max(tokens, 1)
 
@@ -90,15 +93,35 @@ def greedy_layers(
         yield Round(keep, scores[best], len(candidates), time.perf_counter() - began)
 
 
+def calibration_batches(
+    recipe, tokenizer, records: int, *, batch_size: int = 8, device: str = "cpu"
+) -> list[dict[str, Tensor]]:
+    """The first ``records`` records of ``recipe``'s ``data.train``, tokenized as training reads
+    them and collated on ``device``: what the search scores on."""
+    from potstill.data import load_records, tokenize_records
+    from potstill.errors import DataError
+    from potstill.train import fixed_batches
+    from potstill.utils import pad_token_id
+
+    d = recipe.data
+    examples, _ = tokenize_records(
+        load_records(d.train, split=d.train_split, limit=records),
+        tokenizer,
+        max_length=d.max_length,
+    )
+    if not examples:
+        raise DataError(f"no record of {d.train} keeps a target token to score on")
+    pad = pad_token_id(tokenizer)
+    return fixed_batches(examples, batch_size=batch_size, pad_id=pad, device=device)
+
+
 def pick_layers(recipe, n: int, *, records: int = 16, batch_size: int = 8) -> list[int]:
     """The ``pick-layers`` command: search which ``n`` layers of the model that ``recipe``'s
     ``student.init: prune`` prunes (``student.model``, else ``teacher.model``) to keep, on the
     first ``records`` records of ``data.train``; prints each round and returns the pick."""
-    from potstill.data import collate, load_records, tokenize_records
-    from potstill.errors import DataError, RecipeError
+    from potstill.errors import RecipeError
     from potstill.methods import method_info
     from potstill.models import decoder_layers, load_model, load_tokenizer
-    from potstill.utils import pad_token_id
 
     if method_info(recipe.method).encoder:
         raise RecipeError(
@@ -116,26 +139,13 @@ def pick_layers(recipe, n: int, *, records: int = 16, batch_size: int = 8) -> li
     num_layers = len(getattr(holder, attr))
     if not 2 <= n < num_layers:
         raise RecipeError(f"--layers must be 2 to {num_layers - 1} ({source} has {num_layers})")
-    examples, _ = tokenize_records(
-        load_records(recipe.data.train, split=recipe.data.train_split, limit=records),
-        tokenizer,
-        max_length=recipe.data.max_length,
-    )
-    if not examples:
-        raise DataError(f"no record of {recipe.data.train} keeps a target token to score on")
-    pad = pad_token_id(tokenizer)
-    batches = [
-        {
-            k: v.to(device)
-            for k, v in collate(examples[i : i + batch_size], pad_token_id=pad).items()
-        }
-        for i in range(0, len(examples), batch_size)
-    ]
+    batches = calibration_batches(recipe, tokenizer, records, batch_size=batch_size, device=device)
     score = KLScorer(model, batches)
     tokens = sum(f.shape[0] for f in score.full)
     print(
         f"pick-layers: {n} of the {num_layers} layers of {source}, by the KL to the full model on "
-        f"{len(examples)} records of {recipe.data.train} ({tokens:,} supervised tokens, {device})"
+        f"{sum(len(b['input_ids']) for b in batches)} records of {recipe.data.train} "
+        f"({tokens:,} supervised tokens, {device})"
     )
     spread = evenly_spread(num_layers, n)
     print(f"  evenly spread {spread}: KL {score(spread):.3f}")
