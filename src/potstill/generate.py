@@ -633,8 +633,9 @@ def _run(
     # A prompt that the source repeats is drawn once: backends seed each sample from
     # generate.seed and the prompt, so drawing it again would give the same samples (and on a
     # task with few distinct questions, e.g. small sums, half the prompts are repeats).
-    keys_todo = Counter(_digest(teacher_prompt(it.prompt, instruction)) for it in todo)
-    repeated = {k for k, count in keys_todo.items() if count > 1}  # only these are remembered
+    prompts_todo = [teacher_prompt(it.prompt, instruction) for it in todo]
+    keys_todo = [_digest(p) for p in prompts_todo]  # identical prompts, identical keys
+    repeated = {k for k, count in Counter(keys_todo).items() if count > 1}  # only these kept
     answered: dict[str, list] = {}  # digest of a repeated prompt -> its n completions
 
     def report() -> GenerateReport:
@@ -665,8 +666,8 @@ def _run(
                 stop=tuple(g.stop),
                 seed=g.seed,  # backends seed per prompt (and sample): batching does not matter
             )
-            prompts = [teacher_prompt(it.prompt, instruction) for it in batch]
-            keys = [_digest(p) for p in prompts]
+            prompts = prompts_todo[start : start + g.batch_size]
+            keys = keys_todo[start : start + g.batch_size]
             fresh = list(dict.fromkeys(k for k in keys if k not in answered))  # first occurrences
             try:
                 new: dict[str, list] = {}
