@@ -148,3 +148,14 @@ def test_overrides_may_follow_the_flags():
     for argv in (["evaluate", "r.yaml", "--student", "d", "--bogus"], ["keys", "x=1"]):
         with pytest.raises(SystemExit):
             parse(argv)
+
+
+def test_keep_layers_beside_a_pretrained_student_is_named_unused(tiny_pair_dirs, capsys):
+    from potstill.prepare import load_models
+
+    pair = [f"teacher.model={tiny_pair_dirs / 'teacher'}", "student.keep_layers=[0, 1]"]
+    pretrained = [f"student.model={tiny_pair_dirs / 'student'}", "student.init=pretrained"]
+    load_models(load_recipe(FORWARD, [*pair, *pretrained]))
+    assert "student.keep_layers [0, 1] is not used" in capsys.readouterr().out
+    load_models(load_recipe(FORWARD, [*pair, "student.init=prune"]))
+    assert "not used" not in capsys.readouterr().out

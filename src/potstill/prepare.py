@@ -234,6 +234,11 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
             else ""
         )
     )
+    if s.keep_layers and s.init != "prune":
+        print(
+            f"note: student.keep_layers {list(s.keep_layers)} is not used: the student is "
+            f"student.init: {s.init} (student.init=prune prunes to those layers)"
+        )
     return Models(
         student=student,
         tokenizer=tokenizer,
