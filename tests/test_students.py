@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from potstill import quant, students
@@ -147,6 +148,9 @@ def test_saved_students_are_what_trained(tmp_path):
     students.save(model, str(tmp_path / "qat"))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "qat")
     assert loaded.config.potstill_qat == "q4_0"
+    with safe_open(tmp_path / "qat" / "model.safetensors", "pt") as f:  # a tied head once
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     up = loaded.model.layers[0].mlp.up_proj.weight
     assert torch.equal(up, quant.q4_0(up)) and not torch.equal(
         up, tiny().model.layers[0].mlp.up_proj.weight

@@ -253,7 +253,8 @@ def save(
     head, embedding = ((state or {}).get(roles.get(r)) for r in ("output", "embedding"))
     if head is not None and embedding is not None and not torch.equal(head, embedding):
         model.config.tie_word_embeddings = False  # a LoRA head merged apart from the embedding
-    elif state_dict is not None and head is not None and model.config.tie_word_embeddings:
-        # a gathered state dict holds a tied head as a copy of its own: the embedding is enough
+    elif head is not None and model.config.tie_word_embeddings:
+        # a gathered or rounded state dict holds a tied head as a copy of its own: the embedding
+        # is enough (written twice, the file would grow by a vocabulary × hidden matrix)
         state = {k: v for k, v in state.items() if k != roles["output"]}
     model.save_pretrained(path, safe_serialization=True, state_dict=state)
