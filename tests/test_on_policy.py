@@ -104,6 +104,34 @@ def test_generate_ids_is_what_generate_writes(tiny_chat_lm):
         assert len(sample) == c.num_tokens
 
 
+def test_a_qat_student_rounds_its_weights_once_per_sampling_call(tiny_chat_lm, monkeypatch):
+    from potstill import students
+    from potstill.methods.on_policy import Sampler
+
+    model, tok = tiny_chat_lm
+    student = copy.deepcopy(model)
+    students.add_qat(student, "q8_0")
+    grids = sum(1 for m in student.modules() if isinstance(m, students._Grid))
+    calls, grid_forward = [0], students._Grid.forward
+
+    def counted(self, weight):
+        calls[0] += 1
+        return grid_forward(self, weight)
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+    prompts = [[5, 6, 7], [8, 9]]
+    sampler = Sampler(student, tok, dtype=None)
+    # the same samples as with the weights rounded at every forward pass (no cache)
+    expected = [
+        cut_at_stop(s[0], sampler.stop_ids) for s in sampler.backend.generate_ids(prompts, params)
+    ]
+    monkeypatch.setattr(students._Grid, "forward", counted)
+    got = sampler.sample(prompts, params)
+    assert 0 < calls[0] <= grids  # not once per decoded token
+    assert got == expected
+    assert max(len(s) for s in got) > 1 and student.training is model.training
+
+
 # --- the method -------------------------------------------------------------------------------
 
 

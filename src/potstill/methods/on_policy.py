@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from potstill.data import batch_prompts, completion_batch, cut_at_stop
 from potstill.evaluate import distinct_n, own_sample_metrics, repetition
@@ -89,17 +90,21 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """One completion per prompt (token ids, cut after the first stop id)."""
+        """One completion per prompt (token ids, cut after the first stop id). A student's
+        parametrized weights (the QAT grid) are computed once per call, not once per decoded
+        token: the weights do not change while it samples."""
         if self.twin is not None:
             if self.sync:
                 for dst, src in zip(self.twin.parameters(), self.source.parameters(), strict=True):
                     dst.copy_(src)
-            out = self.backend.generate_ids(prompts, params)
+            with parametrize.cached():
+                out = self.backend.generate_ids(prompts, params)
         else:
             was_training = self.source.training
             self.source.eval()  # no dropout while sampling
             try:
-                out = self.backend.generate_ids(prompts, params)
+                with parametrize.cached():
+                    out = self.backend.generate_ids(prompts, params)
             finally:
                 self.source.train(was_training)
         return [cut_at_stop(samples[0], self.stop_ids) for samples in out]
