@@ -61,14 +61,19 @@ def test_generate_recipes(name):
     r = load_recipe(RECIPES / name)
     assert r.method == "sequence_level" and not METHODS[r.method].needs_teacher
     assert r.data.train == r.generate.output  # train reads what generate writes
-    assert r.student.keep_layers == [0, 6, 12, 18, 24, 29]
 
 
-def test_cot_recipe_samples_and_filters():
+def test_cot_recipe_samples_and_filters_into_a_full_depth_4_bit_student():
     r = load_recipe(RECIPES / "cot_distill.yaml")
     g = r.generate
     assert (g.n, g.verify, g.keep) == (8, "reasoning_gym", "first_correct") and g.temperature > 0
     assert g.prompts.startswith("bundled:rg/basic_arithmetic?")
+    # pruned students lose the arithmetic (docs/methods/sequence_level.md): all the layers, 4-bit
+    s = r.student
+    assert (s.init, s.model, s.qat.format) == ("pretrained", r.teacher.model, "q4_0")
+    assert r.train.precision == "fp32" and not s.keep_layers
+    pruned = load_recipe(RECIPES / "sequence_level.yaml").student
+    assert pruned.keep_layers == [0, 6, 12, 18, 24, 29]
 
 
 def test_train_before_generate_names_the_command(tmp_path, capsys):
