@@ -16,7 +16,7 @@ from _forker import Forker
 from _sums import write_sums
 
 HERE = Path(__file__).parent
-KILLS = {"train": 26, "cache": 12, "generate": 12}  # kill points per job (50 together)
+KILLS = {"train": 16, "cache": 12, "generate": 12}  # kill points per job (40 together)
 
 
 @pytest.fixture(scope="module")
