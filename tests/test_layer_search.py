@@ -112,6 +112,10 @@ def test_pick_layers_command(tmp_path, tiny_chat_lm, tiny_llama, capsys):
     pick = out.strip().splitlines()[-1]
     assert pick.startswith("student.keep_layers=[0, ") and pick.endswith(", 4]")
     assert main(["pick-layers", str(recipe), "--layers", "2", "--records", "2"]) == 0
-    assert capsys.readouterr().out.strip().endswith("student.keep_layers=[0, 4]")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "student.keep_layers=[0, 4]"
+    pretrained = ["student.init=pretrained", f"student.model={tmp_path / 'five'}"]
+    assert main(["pick-layers", str(recipe), *pretrained, "--layers", "2", "--records", "2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "student.init=prune student.keep_layers=[0, 4]"  # the override that prunes
     assert main(["pick-layers", str(recipe), "--layers", "5"]) == 2
     assert "--layers must be 2 to 4" in capsys.readouterr().err

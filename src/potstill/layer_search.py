@@ -155,5 +155,6 @@ def pick_layers(recipe, n: int, *, records: int = 16, batch_size: int = 8) -> li
     for r in greedy_layers(score, num_layers, n):
         print(f"  {r.keep}: KL {r.kl:.3f} (best of {r.candidates}, {r.seconds:.0f} s)", flush=True)
         keep = r.keep
-    print(f"student.keep_layers={keep}")
+    prune = "" if s.init == "prune" else "student.init=prune "  # the layers apply when pruning
+    print(f"{prune}student.keep_layers={keep}")
     return keep
