@@ -93,20 +93,17 @@ class Sampler:
         """One completion per prompt (token ids, cut after the first stop id). A student's
         parametrized weights (the QAT grid) are computed once per call, not once per decoded
         token: the weights do not change while it samples."""
-        if self.twin is not None:
-            if self.sync:
-                for dst, src in zip(self.twin.parameters(), self.source.parameters(), strict=True):
-                    dst.copy_(src)
+        if self.twin is not None and self.sync:
+            for dst, src in zip(self.twin.parameters(), self.source.parameters(), strict=True):
+                dst.copy_(src)
+        model = self.source if self.twin is None else self.twin
+        was_training = model.training
+        model.eval()  # no dropout while sampling (the twin always is)
+        try:
             with parametrize.cached():
                 out = self.backend.generate_ids(prompts, params)
-        else:
-            was_training = self.source.training
-            self.source.eval()  # no dropout while sampling
-            try:
-                with parametrize.cached():
-                    out = self.backend.generate_ids(prompts, params)
-            finally:
-                self.source.train(was_training)
+        finally:
+            model.train(was_training)
         return [cut_at_stop(samples[0], self.stop_ids) for samples in out]
 
 
