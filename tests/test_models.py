@@ -500,6 +500,29 @@ def test_bundled_smollm2_matches_the_gguf(monkeypatch, tmp_path):
     assert diff < 1e-4
 
 
+def test_a_conversion_parses_each_gguf_file_once(tmp_path):
+    """transformers asks for a reader of the file three times (config, weights, tokenizer):
+    within a conversion they share one, and outside it every call parses anew."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", np.arange(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    real = gguf.GGUFReader
+    with bundled_models._gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # the same file by another spelling
+        assert gguf.GGUFReader(path, "r+") is not first  # another mode is another reader
+        assert first.tensors[0].data.tolist() == list(range(8))
+    assert gguf.GGUFReader is real
+    assert gguf.GGUFReader(path) is not first
+
+
 @pytest.mark.slow
 def test_prune_smollm2_to_six_layers(smollm2_dir):
     teacher = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
