@@ -76,6 +76,41 @@ def test_cot_recipe_samples_and_filters_into_a_full_depth_4_bit_student():
     assert pruned.keep_layers == [0, 6, 12, 18, 24, 29]
 
 
+@pytest.mark.slow
+def test_the_cot_recipe_trains_its_4_bit_student_a_few_steps(tmp_path, smollm2_dir):
+    """`potstill train recipes/cot_distill.yaml` as shipped (all 30 layers on the Q4_0 grid), on a
+    few hand-written traces in place of generate's output: it trains, and what it saves is on
+    the grid."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from potstill.quant import q4_0
+
+    traces = tmp_path / "completions.jsonl"
+    rows = [
+        {"prompt": f"{a} + {b} =", "completion": f"{a} plus {b} is {a + b}. Answer: {a + b}"}
+        for a, b in ((3, 4), (12, 9), (25, 17), (8, 30), (41, 6), (7, 7))
+    ]
+    traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = [
+        "train", str(RECIPES / "cot_distill.yaml"), f"teacher.model={smollm2_dir}",
+        f"student.model={smollm2_dir}", f"data.train={traces}", "data.max_eval_records=2",
+        "train.max_steps=2", "train.batch_size=2", "train.eval_every=0", "train.save_every=0",
+        f"train.output_dir={out}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "grad_norm" in r]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    saved = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert saved.config.potstill_qat == "q4_0" and saved.config.num_hidden_layers == 30
+    w = saved.model.layers[11].mlp.down_proj.weight.detach()
+    assert torch.equal(q4_0(w), w)  # saved rounded: what llama.cpp will read
+
+
 def test_train_before_generate_names_the_command(tmp_path, capsys):
     missing = tmp_path / "c.jsonl"
     recipe = RECIPES / "sequence_level.yaml"
