@@ -566,7 +566,7 @@ def test_a_few_on_policy_steps_on_the_bundled_pair(tmp_path, smollm2_dir):
         "recipes/on_policy_gkd.yaml",
         [f"teacher.model={smollm2_dir}", "train.max_steps=2", f"train.output_dir={tmp_path}",
          "student.model=null", "student.init=prune", "student.keep_layers=[0, 6, 12, 18, 24, 29]",
-         "on_policy.lmbda=1",
+         "on_policy.lmbda=1", "on_policy.compile=false",
          "on_policy.max_new_tokens=8", "data.max_train_records=8", "data.max_eval_records=2",
          "train.eval_every=0", "train.save_model=false", "train.batch_size=2"],
     )  # fmt: skip
@@ -580,6 +580,6 @@ def test_a_few_on_policy_steps_on_the_bundled_pair(tmp_path, smollm2_dir):
     first = result.history[0]
     assert first["on_policy_fraction"] == 1.0 and first["student_sample_len_max"] <= 8
     assert result.eval["own_reverse_kl"] > 0
-    # the recipe compiles the student's decode step, and compiling worked
-    assert "compiled decoding" in method.describe()
-    assert method.samplers["student"].backend._static.compiled
+    # the recipe compiles the student's decode step (switched off here: compiling takes ~30 s on
+    # 2 cores; compiled decoding against the dynamic path: tests/test_generation_hf.py)
+    assert load_recipe("recipes/on_policy_gkd.yaml").on_policy.compile
