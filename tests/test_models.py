@@ -514,7 +514,7 @@ def test_a_conversion_parses_each_gguf_file_once(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     real = gguf.GGUFReader
-    with bundled_models._gguf_parsed_once():
+    with bundled_models.gguf_parsed_once():
         first = gguf.GGUFReader(path)
         assert gguf.GGUFReader(str(path)) is first  # the same file by another spelling
         assert gguf.GGUFReader(path, "r+") is not first  # another mode is another reader

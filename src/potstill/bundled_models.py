@@ -110,14 +110,14 @@ def _load_gguf(gguf_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    with _gguf_parsed_once():
+    with gguf_parsed_once():
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return drop_gguf_quantizer(model), tokenizer
 
 
 @contextlib.contextmanager
-def _gguf_parsed_once():
+def gguf_parsed_once():
     """Within the block, each GGUF file is parsed once.
 
     transformers builds a new ``gguf.GGUFReader`` for the config, for the weights and for the

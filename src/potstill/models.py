@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from potstill.bundled_models import drop_gguf_quantizer, resolve_bundled_model
+from potstill.bundled_models import drop_gguf_quantizer, gguf_parsed_once, resolve_bundled_model
 from potstill.errors import ModelLoadError, TokenizerMismatchError
 
 if TYPE_CHECKING:  # the model classes import Accelerate: loaded where a model is built
@@ -140,10 +140,12 @@ def load_model(
     try:
         from transformers import AutoModel, AutoModelForCausalLM  # here: it imports Accelerate
 
-        model = (AutoModel if encoder else AutoModelForCausalLM).from_pretrained(
-            path, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-            **safe,
-        )  # fmt: skip
+        # a GGUF's config and weights from one parse of its metadata
+        with gguf_parsed_once() if gguf_file else contextlib.nullcontext():
+            model = (AutoModel if encoder else AutoModelForCausalLM).from_pretrained(
+                path, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                **safe,
+            )  # fmt: skip
     except ModelLoadError:
         raise
     except SafetensorError as err:  # e.g. a download cut short
