@@ -313,7 +313,8 @@ def test_the_demo_ends_with_the_report_card_of_its_runs(tmp_path, smollm2_dir, m
         demo, "DEMO_REPORT", Settings(prompts=2, max_new_tokens=12, speed=False, general=1)
     )
     overrides = [f"teacher.model={smollm2_dir}", "train.max_tokens=600", "data.max_eval_records=4",
-                 "train.eval_every=0", "train.save_every=0", "train.precision=fp32"]  # fmt: skip
+                 "data.max_train_records=24", "train.eval_every=0", "train.save_every=0",
+                 "train.precision=fp32"]  # fmt: skip
     metrics = demo.run_demo(tmp_path, overrides)
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["rows"]) == ["teacher", "before training", "KD", "CE baseline"]

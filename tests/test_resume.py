@@ -96,10 +96,21 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_run, tmp_path_factory):
+    """A function giving the uninterrupted run's final weights; the run starts at once and goes
+    on beside the first test's own run, and is waited for when first asked for."""
     out = tmp_path_factory.mktemp("runs") / "whole"
     proc, _ = start(tiny_run, out)
-    finish(proc)
-    return final_weights(out)
+    weights = {}
+
+    def get() -> dict[str, torch.Tensor]:
+        if not weights:
+            finish(proc)
+            weights.update(final_weights(out))
+        return weights
+
+    yield get
+    if proc.poll() is None:
+        proc.kill()
 
 
 def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -122,7 +133,7 @@ def test_sigint_in_the_middle_of_a_step_resumes_exactly(tiny_run, uninterrupted,
     assert state["step"] == 2 and state["position"] == {"epoch": 0, "batch": 2 * GRAD_ACCUM}
     proc, _ = start(tiny_run, out)
     assert "resuming from" in finish(proc)
-    assert_bit_identical(final_weights(out), uninterrupted)
+    assert_bit_identical(final_weights(out), uninterrupted())
 
 
 def test_sigkill_after_the_first_checkpoint_resumes_exactly(tiny_run, uninterrupted, tmp_path):
@@ -140,7 +151,7 @@ def test_sigkill_after_the_first_checkpoint_resumes_exactly(tiny_run, uninterrup
     assert not (out / "model").exists()
     proc, _ = start(tiny_run, out)
     assert f"at step {saved}/{STEPS}" in finish(proc), f"killed at loss call {call}"
-    assert_bit_identical(final_weights(out), uninterrupted)
+    assert_bit_identical(final_weights(out), uninterrupted())
 
 
 def test_a_random_init_follows_train_seed(tiny_chat_lm, tmp_path):
@@ -179,14 +190,14 @@ def test_a_random_init_follows_train_seed(tiny_chat_lm, tmp_path):
 def test_sigkill_resumes_lora_and_qat_students_exactly(tiny_run, tmp_path, overrides):
     """The adapters (LoRA) and the master weights behind the grid (QAT) are what a checkpoint
     holds; a killed run ends with the saved student an uninterrupted one saves."""
-    proc, _ = start(tiny_run, tmp_path / "whole", overrides=overrides)
-    finish(proc)
+    whole, _ = start(tiny_run, tmp_path / "whole", overrides=overrides)  # side by side with
     out = tmp_path / "killed"
     call = (SAVE_EVERY + 1) * GRAD_ACCUM + 1  # the first micro-batch after the first checkpoint
     proc, marker = start(tiny_run, out, pause_at=call, overrides=overrides)
     wait_for_call(proc, marker, call)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
+    finish(whole)
     proc, _ = start(tiny_run, out, overrides=overrides)
     assert f"at step {SAVE_EVERY}/{STEPS}" in finish(proc)
     assert_bit_identical(final_weights(out), final_weights(tmp_path / "whole"))
