@@ -10,12 +10,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from potstill import students
+from potstill.bundled_models import gguf_parsed_once
 from potstill.cli import main
 from potstill.errors import ModelLoadError
 from potstill.export import export_gguf, llamacpp_logprobs
 
 HAS_LLAMACPP = importlib.util.find_spec("llama_cpp") is not None
 IDS = [[1, 9690, 198, 504, 3458, 282, 4077, 314, 216, 33, 34, 35, 30, 2]]
+
+
+@pytest.fixture(autouse=True)
+def _each_gguf_parsed_once():
+    """transformers parses a GGUF's metadata (SmolLM2's 49,152-token vocabulary) anew for the
+    config, the weights and the tokenizer; here, as in potstill's own loads, once per file."""
+    with gguf_parsed_once():
+        yield
 
 
 def save_student(folder, tokenizer, model) -> str:

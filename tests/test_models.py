@@ -7,6 +7,7 @@ the real bundled SmolLM2 GGUF.
 import dataclasses
 import importlib.util
 import json
+import os
 import threading
 import time
 
@@ -519,6 +520,8 @@ def test_a_conversion_parses_each_gguf_file_once(tmp_path):
         assert gguf.GGUFReader(str(path)) is first  # the same file by another spelling
         assert gguf.GGUFReader(path, "r+") is not first  # another mode is another reader
         assert first.tensors[0].data.tolist() == list(range(8))
+        os.utime(path, ns=(1, 1))  # as if rewritten: parsed anew
+        assert gguf.GGUFReader(path) is not first
     assert gguf.GGUFReader is real
     assert gguf.GGUFReader(path) is not first
 

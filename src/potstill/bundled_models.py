@@ -128,10 +128,11 @@ def gguf_parsed_once():
     import gguf
 
     real = gguf.GGUFReader
-    readers: dict[tuple[str, str], gguf.GGUFReader] = {}
+    readers: dict[tuple, gguf.GGUFReader] = {}
 
     def shared(path, mode="r"):
-        key = (os.path.realpath(path), mode)
+        stat = os.stat(path)  # a file rewritten within the block is parsed anew
+        key = (os.path.realpath(path), mode, stat.st_mtime_ns, stat.st_size)
         if key not in readers:
             readers[key] = real(path, mode)
         return readers[key]
