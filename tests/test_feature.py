@@ -234,8 +234,7 @@ def test_a_killed_feature_run_resumes_bit_exact_projectors_included(narrow_pair,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         return proc, marker
 
-    whole, _ = start(tmp_path / "whole")
-    assert whole.wait(timeout=300) == 0, whole.stdout.read()[-2000:]
+    whole, _ = start(tmp_path / "whole")  # beside the killed run
     proc, marker = start(tmp_path / "killed", pause_at=3)  # inside step 3, after checkpoint 2
     deadline = time.monotonic() + 240
     while not (marker.is_file() and len(marker.read_text().split()) >= 3):
@@ -243,6 +242,7 @@ def test_a_killed_feature_run_resumes_bit_exact_projectors_included(narrow_pair,
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()[-2000:]
     assert (tmp_path / "killed" / "checkpoint").is_dir()
     proc, _ = start(tmp_path / "killed")
     out = proc.communicate(timeout=300)[0]
