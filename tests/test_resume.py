@@ -190,7 +190,7 @@ def test_a_random_init_follows_train_seed(tiny_chat_lm, tmp_path):
 def test_sigkill_resumes_lora_and_qat_students_exactly(tiny_run, tmp_path, overrides):
     """The adapters (LoRA) and the master weights behind the grid (QAT) are what a checkpoint
     holds; a killed run ends with the saved student an uninterrupted one saves."""
-    whole, _ = start(tiny_run, tmp_path / "whole", overrides=overrides)  # side by side with
+    whole, _ = start(tiny_run, tmp_path / "whole", overrides=overrides)  # beside the killed run
     out = tmp_path / "killed"
     call = (SAVE_EVERY + 1) * GRAD_ACCUM + 1  # the first micro-batch after the first checkpoint
     proc, marker = start(tiny_run, out, pause_at=call, overrides=overrides)

@@ -122,7 +122,7 @@ def gguf_parsed_once():
 
     transformers builds a new ``gguf.GGUFReader`` for the config, for the weights and for the
     tokenizer, and the reader walks every metadata element in Python: for Gemma 3's 262,144-token
-    vocabulary each parse took ~25 s on a 2-core EPYC. The readers are only read from, so one per
+    vocabulary each parse took ~16 s on a 2-core EPYC. The readers are only read from, so one per
     file serves all three; they are dropped (with their memory maps) when the block ends.
     """
     import gguf
