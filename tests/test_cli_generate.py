@@ -102,8 +102,8 @@ def test_the_cot_recipe_trains_its_4_bit_student_a_few_steps(tmp_path, smollm2_d
         f"train.output_dir={out}",
     ]  # fmt: skip
     assert main(args) == 0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "grad_norm" in r]
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logged if "grad_norm" in r]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
     saved = AutoModelForCausalLM.from_pretrained(out / "model")
     assert saved.config.potstill_qat == "q4_0" and saved.config.num_hidden_layers == 30
