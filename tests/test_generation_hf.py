@@ -63,6 +63,33 @@ def test_batched_greedy_matches_one_at_a_time_and_the_reference(tiny_chat_lm, at
         assert ids_of(backend, b) == expected
 
 
+def test_decoding_passes_the_cache_under_the_name_the_model_takes(tiny_chat_lm):
+    """Later transformers 5 releases rename ``past_key_values`` to ``cache`` (a FutureWarning
+    now, dropped in 5.40, after which the old name would decode without a cache): the dynamic and
+    the compiled path pass it under the model's own name, also through a PEFT wrapper."""
+    import inspect
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from potstill.lm import cache_kwarg
+
+    model, tokenizer = tiny_chat_lm
+    own = inspect.signature(type(model).forward).parameters
+    expected = "cache" if "cache" in own else "past_key_values"
+    assert cache_kwarg(model) == expected
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "cache" not in inspect.signature(type(wrapped).forward).parameters
+    assert cache_kwarg(wrapped) == expected
+    params = SamplingParams(temperature=0, max_new_tokens=4, logprobs=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values")  # the deprecation
+        for compile_ in (False, True):
+            HFBackend(model, tokenizer, batch_size=2, compile=compile_).generate(
+                PROMPTS[:2], params
+            )
+
+
 def test_prompts_are_rendered_with_the_chat_template_or_taken_as_is(backend):
     chat = backend.prompt_token_ids([{"role": "user", "content": "hi"}])
     rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

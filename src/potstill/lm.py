@@ -224,6 +224,24 @@ def _takes_kwargs(cls: type) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values())
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword the model's ``forward`` takes its KV cache under: ``cache`` in later
+    transformers 5 releases (which deprecate ``past_key_values`` and drop it in 5.40),
+    ``past_key_values`` before them. A wrapper whose ``forward`` names neither (a PEFT model)
+    passes it on: the first module inside that names one decides."""
+    for module in model.modules():  # the model itself first, then what it wraps
+        name = _cache_kwarg(type(module))
+        if name:
+            return name
+    return "past_key_values"
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str | None:
+    names = inspect.signature(cls.forward).parameters
+    return next((n for n in ("cache", "past_key_values") if n in names), None)
+
+
 def _supports_varlen(model: nn.Module) -> bool:
     """Padding-free passes need the model to hand its extra keyword arguments down to attention
     (transformers 5 decoders do) and attention SDPA can compute: not ``eager`` (chosen for what

@@ -47,6 +47,7 @@ from transformers import DynamicCache
 from potstill.errors import GenerationError
 from potstill.generation.base import Completion, Prompt, SamplingParams
 from potstill.generation.static_decode import StaticDecoder, StaticRows, prefill
+from potstill.lm import cache_kwarg
 from potstill.utils import default_device_type
 
 MAX_LOGPROBS = 20  # top tokens per position; the OpenAI API's own limit
@@ -252,8 +253,8 @@ class _GrowingRows:
             input_ids=chosen[:, None],  # (B, 1)
             attention_mask=self.attention,  # (B, L + step + 1)
             position_ids=self.next_position,  # (B, 1)
-            past_key_values=self.cache,
             use_cache=True,
+            **{cache_kwarg(self.model): self.cache},
         )
         self.next_position = self.next_position + 1
         return out.logits[:, -1].float()  # (B, V)

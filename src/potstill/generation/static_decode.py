@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface, Cache, StaticCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from potstill.lm import attention_implementation, forward_takes_kwargs
+from potstill.lm import attention_implementation, cache_kwarg, forward_takes_kwargs
 
 ATTENTION = "potstill_decode"  # the attention implementation the compiled step runs under
 BUCKET = 512  # static cache lengths are multiples of this: one shape for most prompts
@@ -142,8 +142,8 @@ def prefill(
         input_ids=input_ids,
         attention_mask=attention[:, :width],
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
+        **{cache_kwarg(model): cache},
         **extra,
     )
     return out.logits[:, -1].float(), attention, positions[:, -1:] + 1
@@ -259,8 +259,8 @@ class StaticRows:
                 input_ids=self.tokens,  # (B, 1)
                 attention_mask=self.attention,  # (B, S)
                 position_ids=self.next_position,  # (B, 1)
-                past_key_values=self.cache,
                 cache_position=slot,
+                **{cache_kwarg(self.decoder.model): self.cache},
                 use_cache=True,
                 **extra,  # transformers hands extra kwargs down to the attention function
             )  # (B, V)
