@@ -503,7 +503,8 @@ def test_bundled_smollm2_matches_the_gguf(monkeypatch, tmp_path):
 
 def test_a_conversion_parses_each_gguf_file_once(tmp_path):
     """transformers asks for a reader of the file three times (config, weights, tokenizer):
-    within a conversion they share one, and outside it every call parses anew."""
+    within a conversion (or a recipe's model loading) they share one, and outside it every call
+    parses anew."""
     import gguf
     import numpy as np
 
@@ -520,6 +521,9 @@ def test_a_conversion_parses_each_gguf_file_once(tmp_path):
         assert gguf.GGUFReader(str(path)) is first  # the same file by another spelling
         assert gguf.GGUFReader(path, "r+") is not first  # another mode is another reader
         assert first.tensors[0].data.tolist() == list(range(8))
+        with bundled_models.gguf_parsed_once():  # nested (load_model within load_models)
+            assert gguf.GGUFReader(path) is first
+        assert gguf.GGUFReader(path) is first  # the inner block's end keeps the outer's reader
         os.utime(path, ns=(1, 1))  # as if rewritten: parsed anew
         assert gguf.GGUFReader(path) is not first
     assert gguf.GGUFReader is real

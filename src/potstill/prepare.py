@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from potstill import students
+from potstill.bundled_models import gguf_parsed_once
 from potstill.data import Example, TokenizeStats, load_records, tokenize_records
 from potstill.errors import DataError, ModelLoadError, RecipeError
 from potstill.methods.registry import MethodInfo, method_info
@@ -164,7 +165,13 @@ def load_models(r: Recipe, *, teacher: nn.Module | None = None) -> Models:
     """Teacher (unless the method needs none) and the initialised student, with preflight.
 
     ``teacher`` may be passed in to share one loaded teacher between runs (the demo does).
+    A ``.gguf`` model's metadata is parsed once for its config, weights and tokenizer.
     """
+    with gguf_parsed_once():
+        return _load_models(r, teacher)
+
+
+def _load_models(r: Recipe, teacher: nn.Module | None) -> Models:
     needs_teacher = loads_teacher(r)
     encoder = _method(r).encoder  # sentence encoders load as bare encoders (no LM head)
     if teacher is None and r.teacher.model and needs_teacher:
