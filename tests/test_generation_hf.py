@@ -65,8 +65,8 @@ def test_batched_greedy_matches_one_at_a_time_and_the_reference(tiny_chat_lm, at
 
 def test_decoding_passes_the_cache_under_the_name_the_model_takes(tiny_chat_lm):
     """Later transformers 5 releases rename ``past_key_values`` to ``cache`` (a FutureWarning
-    now, dropped in 5.40, after which the old name would decode without a cache): the dynamic and
-    the compiled path pass it under the model's own name, also through a PEFT wrapper."""
+    now, its removal announced for 5.40): the dynamic and the compiled path pass it under the
+    model's own name, also through a PEFT wrapper."""
     import inspect
     import warnings
 

@@ -226,7 +226,7 @@ def _takes_kwargs(cls: type) -> bool:
 
 def cache_kwarg(model: nn.Module) -> str:
     """The keyword the model's ``forward`` takes its KV cache under: ``cache`` in later
-    transformers 5 releases (which deprecate ``past_key_values`` and drop it in 5.40),
+    transformers 5 releases (which deprecate ``past_key_values``, to be removed in 5.40),
     ``past_key_values`` before them. A wrapper whose ``forward`` names neither (a PEFT model)
     passes it on: the first module inside that names one decides."""
     for module in model.modules():  # the model itself first, then what it wraps
