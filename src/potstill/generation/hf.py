@@ -232,6 +232,7 @@ class _GrowingRows:
         for ids in prompts:
             distinct.setdefault(tuple(ids), len(distinct))
         self.cache = DynamicCache(config=model.config)
+        self.cache_kwarg = cache_kwarg(model)  # the keyword forward takes it under
         self.logits, self.attention, self.next_position = prefill(
             model, [list(p) for p in distinct], pad_id, self.cache, logits_to_keep=logits_to_keep
         )  # (P, V), (P, L), (P, 1)
@@ -254,7 +255,7 @@ class _GrowingRows:
             attention_mask=self.attention,  # (B, L + step + 1)
             position_ids=self.next_position,  # (B, 1)
             use_cache=True,
-            **{cache_kwarg(self.model): self.cache},
+            **{self.cache_kwarg: self.cache},
         )
         self.next_position = self.next_position + 1
         return out.logits[:, -1].float()  # (B, V)

@@ -156,6 +156,7 @@ class StaticDecoder:
         self.model = model
         # decode_length travels to the attention function through the model's **kwargs
         self.passes_kwargs = forward_takes_kwargs(model)
+        self.cache_kwarg = cache_kwarg(model)  # the keyword forward takes the KV cache under
         # dynamic=None: the first shape compiles as is; a second batch size or cache length
         # recompiles once with that dimension symbolic. (inductor's C++ wrapper, cpp_wrapper,
         # took 10-20% off a SmolLM2 step in two alternating comparisons on a 2-core CPU and
@@ -260,7 +261,7 @@ class StaticRows:
                 attention_mask=self.attention,  # (B, S)
                 position_ids=self.next_position,  # (B, 1)
                 cache_position=slot,
-                **{cache_kwarg(self.decoder.model): self.cache},
+                **{self.decoder.cache_kwarg: self.cache},
                 use_cache=True,
                 **extra,  # transformers hands extra kwargs down to the attention function
             )  # (B, V)
