@@ -192,7 +192,7 @@ CASES: list[Case] = [
          {"g/.keep": text("")}),
     # --- other commands ---------------------------------------------------------------------
     Case("evaluate-no-student", "evaluate a student folder that does not exist",
-         ("evaluate", *KD, "--student", "{w}/none"), r"not a saved model directory"),
+         ("evaluate", *KD, "--student", "{w}/none"), r"--student .*no such model path"),
     Case("report-not-a-run", "report on a folder that is not a run", ("report", "{w}/x"),
          r"not a run directory", {"x/.keep": text("")}),
     Case("serve-missing-model", "serve a model that does not exist", ("serve", "{w}/none"),

@@ -8,13 +8,19 @@ from potstill.compare import parse_students, report_markdown
 from potstill.errors import RecipeError
 
 
-def test_parse_students_names_and_checks_dirs(tmp_path):
+def test_parse_students_names_and_checks_models(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     got = parse_students([f"kd={tmp_path / 'a'}", str(tmp_path / "b")])
     assert got == {"kd": str(tmp_path / "a"), str(tmp_path / "b"): str(tmp_path / "b")}
-    with pytest.raises(RecipeError, match="not a saved model directory"):
+    # any model a recipe takes: a bundled model (the untrained start) or a Hub id
+    got = parse_students(["start=bundled:smollm2-135m-instruct", "org/name"])
+    assert got == {"start": "bundled:smollm2-135m-instruct", "org/name": "org/name"}
+    with pytest.raises(RecipeError, match="--student x=.*no such model path"):
         parse_students([f"x={tmp_path / 'missing'}"])
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(RecipeError, match="not a .gguf file"):
+        parse_students([str(tmp_path / "weights.bin")])
 
 
 def test_report_has_a_row_per_student_and_the_teacher():

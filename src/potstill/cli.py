@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--student",
         action="append",
         required=True,
-        metavar="[NAME=]DIR",
-        help="a saved student (a train run's model/ folder); repeat to compare several",
+        metavar="[NAME=]MODEL",
+        help="a saved student (a train run's model/ folder) or any model a recipe takes (a .gguf "
+        "file, bundled:NAME, a Hub id), e.g. the untrained start; repeat to compare several",
     )
     p.add_argument("--report", help="also write the table here (markdown; metrics as .json)")
     p.add_argument(

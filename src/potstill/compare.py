@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from potstill.errors import RecipeError
+from potstill.errors import ModelLoadError, RecipeError
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.metrics import (
     QUALITY,
@@ -34,7 +34,13 @@ from potstill.metrics import (
     markdown_table,
     measure_draft,
 )
-from potstill.models import check_vocab_compatible, count_parameters, load_model, load_tokenizer
+from potstill.models import (
+    check_vocab_compatible,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from potstill.prepare import load_data
 from potstill.recipe import Recipe
 from potstill.train import fixed_batches
@@ -42,13 +48,19 @@ from potstill.utils import atomic_write, autocast_dtype, pad_token_id
 
 
 def parse_students(specs: list[str]) -> dict[str, str]:
-    """["NAME=DIR", "DIR", ...] -> {name: dir}; a bare DIR is named after itself."""
+    """["NAME=MODEL", "MODEL", ...] -> {name: model}; a bare MODEL is named after itself.
+
+    A model is any name :func:`potstill.models.load_model` takes: a saved student's folder, a
+    .gguf file, ``bundled:NAME`` or a Hub id, so the untrained start can sit beside its students.
+    """
     out: dict[str, str] = {}
     for spec in specs:
-        name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
-        if not Path(path).is_dir():
-            raise RecipeError(f"--student {spec}: {path} is not a saved model directory")
-        out[name] = path
+        name, _, model = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+        try:
+            resolve_model_path(model)
+        except ModelLoadError as err:
+            raise RecipeError(f"--student {spec}: {err}") from err
+        out[name] = model
     return out
 
 
@@ -58,7 +70,7 @@ def compare_students(
     own_samples: bool | None = None,
     speculative: bool = False,
 ) -> dict[str, Any]:
-    """Held-out metrics of the teacher and of every student (``{name: model_dir}``); with
+    """Held-out metrics of the teacher and of every student (``{name: model}``, as :func:`parse_students` gives); with
     ``speculative``, each student also as a draft for the teacher (:func:`_as_draft`)."""
     from potstill.methods.on_policy import OnPolicy
 
