@@ -16,10 +16,10 @@ def test_parse_students_names_and_checks_models(tmp_path):
     # any model a recipe takes: a bundled model (the untrained start) or a Hub id
     got = parse_students(["start=bundled:smollm2-135m-instruct", "org/name"])
     assert got == {"start": "bundled:smollm2-135m-instruct", "org/name": "org/name"}
-    with pytest.raises(RecipeError, match="--student x=.*no such model path"):
+    with pytest.raises(RecipeError, match=r"--student x=.*no such model path"):
         parse_students([f"x={tmp_path / 'missing'}"])
     (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(RecipeError, match="not a .gguf file"):
+    with pytest.raises(RecipeError, match=r"not a \.gguf file"):
         parse_students([str(tmp_path / "weights.bin")])
 
 
