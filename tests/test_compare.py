@@ -69,3 +69,38 @@ def test_report_adds_own_sample_columns_when_a_student_has_them():
     for m in result["students"].values():
         m.pop("own_reverse_kl", None)
     assert "reverse KL on own samples" not in report_markdown(result)
+
+
+def test_evaluate_prompts_scores_task_accuracy_as_the_report_card(tmp_path, tiny_pair_dirs):
+    import json
+
+    from potstill.cli import main
+
+    rows = [
+        {"prompt": f"{a}+{b}=", "completion": f" {a + b}", "answer": str(a + b)}
+        for a in range(6)
+        for b in (3, 7)
+    ]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(
+        f"method: token_level\nteacher: {{model: {tiny_pair_dirs / 'teacher'}}}\n"
+        f"student: {{model: {tiny_pair_dirs / 'student'}, init: pretrained}}\n"
+        f"data: {{train: {tmp_path / 'eval.jsonl'}, eval: {tmp_path / 'eval.jsonl'}}}\n"
+        "train: {precision: fp32}\n"
+    )
+    report = tmp_path / "report.md"
+    argv = ["evaluate", str(tmp_path / "r.yaml"), "--student", f"s={tiny_pair_dirs / 'student'}",
+            "--student", f"t={tiny_pair_dirs / 'teacher'}", "--report", str(report)]  # fmt: skip
+    assert main([*argv, "--prompts", "5", "--max-new-tokens", "4"]) == 0
+    students = json.loads(report.with_suffix(".json").read_text())["students"]
+    for m in students.values():
+        assert m["task_prompts"] == 5
+        assert m["task_accuracy_greedy"] * 5 == pytest.approx(round(m["task_accuracy_greedy"] * 5))
+        assert m["own_sample_tokens"] <= 4 and m["own_reverse_kl"] >= 0
+    assert students["t"]["own_reverse_kl"] == pytest.approx(0, abs=1e-5)  # the teacher itself
+    assert "accuracy greedy" in report.read_text()
+    assert main(argv) == 0  # without --prompts: no generation
+    assert (
+        "task_accuracy_greedy"
+        not in json.loads(report.with_suffix(".json").read_text())["students"]["s"]
+    )

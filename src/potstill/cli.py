@@ -120,6 +120,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.report,
         args.own_samples,
         args.speculative,
+        args.prompts,
+        args.max_new_tokens,
     )
     return 0
 
@@ -300,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
         "acceptance from held-out TVD, then real decoding of draft.eval_prompts held-out prompts "
         "(tokens per target pass at greedy and T=1, tokens/s against the target alone, and "
         "whether greedy outputs are identical)",
+    )
+    p.add_argument(
+        "--prompts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also complete the first N held-out prompts with each student, greedy and at T=1: "
+        "task accuracy where the records carry a reference answer (as the report card scores "
+        "it), and the sampled completions' reverse KL and diversity unless --own-samples is on "
+        "(default: 0, none)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=256, help="per --prompts completion (default: 256)"
     )
     p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser(

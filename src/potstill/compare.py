@@ -33,6 +33,7 @@ from potstill.metrics import (
     against_first,
     markdown_table,
     measure_draft,
+    measure_generation,
 )
 from potstill.models import (
     check_vocab_compatible,
@@ -69,13 +70,19 @@ def compare_students(
     students: dict[str, str],
     own_samples: bool | None = None,
     speculative: bool = False,
+    prompts: int = 0,
+    max_new_tokens: int = 256,
 ) -> dict[str, Any]:
-    """Held-out metrics of the teacher and of every student (``{name: model}``, as :func:`parse_students` gives); with
-    ``speculative``, each student also as a draft for the teacher (:func:`_as_draft`)."""
+    """Held-out metrics of the teacher and of every student (``{name: model}``, as
+    :func:`parse_students` gives); with ``speculative``, each student also as a draft for the
+    teacher (:func:`_as_draft`); with ``prompts``, each completes that many held-out prompts
+    greedy and at T = 1, scored as the report card scores them (:func:`_generation`)."""
     from potstill.methods.on_policy import OnPolicy
 
     if own_samples is None:
         own_samples = r.method == "on_policy"
+    if prompts < 0 or max_new_tokens < 1:
+        raise RecipeError("--prompts must be 0 or more and --max-new-tokens 1 or more")
     if not r.teacher.model:
         raise RecipeError("teacher.model is not set: the comparison is against the teacher")
     teacher = load_model(
@@ -116,10 +123,34 @@ def compare_students(
             metrics.update(sampling.evaluate(student, teacher, batches, tokenizers[name]))
         if speculative:
             metrics.update(_as_draft(r, student, teacher, batches, tokenizer, vocab_size))
+        if prompts:
+            settings = Settings(prompts=prompts, max_new_tokens=max_new_tokens, seed=r.train.seed)
+            context = Context(
+                model=student, tokenizer=tokenizers[name], settings=settings,
+                records=data.eval_records, teacher=teacher, vocab_size=vocab_size,
+                autocast_dtype=autocast_dtype(r.train.precision),
+            )  # fmt: skip
+            metrics.update(_generation(context, keep_own=not own_samples))
         rows[name] = {"model_dir": path, "parameters": count_parameters(student), **metrics}
         del student
     teacher_ppl = next(iter(rows.values()))["teacher_perplexity"]
     return _result(r, teacher, data, rows, perplexity=teacher_ppl)
+
+
+def _generation(context: Context, *, keep_own: bool) -> dict[str, Any]:
+    """Task accuracy greedy and at T = 1 on the first held-out prompts where the records carry
+    an answer (:func:`potstill.metrics.measure_generation`); its own-sample figures (reverse KL,
+    diversity of the T = 1 completions) too unless ``keep_own`` is off, when those of the
+    recipe's on-policy sampling are kept instead."""
+    if not context.has("prompts"):
+        raise RecipeError(
+            "--prompts: the held-out records have no prompts to complete (plain-text data); "
+            "leave --prompts out"
+        )
+    out = measure_generation(context)
+    if not context.has("verifier"):
+        print("note: the held-out records carry no reference answer: no task accuracy")
+    return out if keep_own else {k: v for k, v in out.items() if not k.startswith("own_")}
 
 
 def _as_draft(r: Recipe, student, teacher, batches, tokenizer, vocab_size) -> dict:
@@ -256,8 +287,12 @@ def run_compare(
     report: str | None,
     own_samples: bool | None = None,
     speculative: bool = False,
+    prompts: int = 0,
+    max_new_tokens: int = 256,
 ) -> dict[str, Any]:
-    result = compare_students(r, parse_students(specs), own_samples, speculative)
+    result = compare_students(
+        r, parse_students(specs), own_samples, speculative, prompts, max_new_tokens
+    )
     text = report_markdown(result)
     print(text)
     if report:
