@@ -99,8 +99,30 @@ def test_evaluate_prompts_scores_task_accuracy_as_the_report_card(tmp_path, tiny
         assert m["own_sample_tokens"] <= 4 and m["own_reverse_kl"] >= 0
     assert students["t"]["own_reverse_kl"] == pytest.approx(0, abs=1e-5)  # the teacher itself
     assert "accuracy greedy" in report.read_text()
+    # with --own-samples the own-sample figures are the recipe's sampling's (2 new tokens here)
+    own = [*argv, "on_policy.max_new_tokens=2", "--own-samples", "--prompts", "5"]
+    assert main(own) == 0
+    students = json.loads(report.with_suffix(".json").read_text())["students"]
+    assert all(m["own_sample_tokens"] <= 2 and m["task_prompts"] == 5 for m in students.values())
     assert main(argv) == 0  # without --prompts: no generation
     assert (
         "task_accuracy_greedy"
         not in json.loads(report.with_suffix(".json").read_text())["students"]["s"]
     )
+
+
+def test_evaluate_prompts_on_plain_text_says_what_to_drop(tmp_path, tiny_pair_dirs, capsys):
+    import json
+
+    from potstill.cli import main
+
+    rows = [{"text": f"{a} plus {a} is {2 * a}."} for a in range(8)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(
+        f"method: token_level\nteacher: {{model: {tiny_pair_dirs / 'teacher'}}}\n"
+        f"student: {{model: {tiny_pair_dirs / 'student'}, init: pretrained}}\n"
+        f"data: {{train: {tmp_path / 'eval.jsonl'}, eval: {tmp_path / 'eval.jsonl'}}}\n"
+    )
+    argv = ["evaluate", str(tmp_path / "r.yaml"), "--student", str(tiny_pair_dirs / "student")]
+    assert main([*argv, "--prompts", "4"]) == 2
+    assert "--prompts: the held-out records have no prompts" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from potstill.metrics import (
     markdown_table,
     measure_draft,
     measure_generation,
+    prompt_records,
 )
 from potstill.models import (
     check_vocab_compatible,
@@ -76,7 +77,8 @@ def compare_students(
     """Held-out metrics of the teacher and of every student (``{name: model}``, as
     :func:`parse_students` gives); with ``speculative``, each student also as a draft for the
     teacher (:func:`_as_draft`); with ``prompts``, each completes that many held-out prompts
-    greedy and at T = 1, scored as the report card scores them (:func:`_generation`)."""
+    greedy and at T = 1, scored as the report card scores them
+    (:func:`potstill.metrics.measure_generation`)."""
     from potstill.methods.on_policy import OnPolicy
 
     if own_samples is None:
@@ -96,6 +98,13 @@ def compare_students(
     if r.method == "cross_tokenizer":
         return _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenizer)
     data = load_data(r, tokenizer, held_out_only=True)
+    if prompts and not prompt_records(data.eval_records):
+        raise RecipeError(
+            "--prompts: the held-out records have no prompts to complete (plain-text data); "
+            "leave --prompts out"
+        )
+    if prompts and not any("answer" in x for x in prompt_records(data.eval_records)[:prompts]):
+        print("note: the held-out records carry no reference answer: no task accuracy")
     batches = fixed_batches(
         data.eval, batch_size=r.train.batch_size, pad_id=pad_token_id(tokenizer)
     )
@@ -130,27 +139,15 @@ def compare_students(
                 records=data.eval_records, teacher=teacher, vocab_size=vocab_size,
                 autocast_dtype=autocast_dtype(r.train.precision),
             )  # fmt: skip
-            metrics.update(_generation(context, keep_own=not own_samples))
+            generated = measure_generation(context)  # task accuracy, own-sample figures
+            # with --own-samples, the own-sample figures are those of the recipe's sampling
+            metrics.update(
+                {k: v for k, v in generated.items() if not (own_samples and k in metrics)}
+            )
         rows[name] = {"model_dir": path, "parameters": count_parameters(student), **metrics}
         del student
     teacher_ppl = next(iter(rows.values()))["teacher_perplexity"]
     return _result(r, teacher, data, rows, perplexity=teacher_ppl)
-
-
-def _generation(context: Context, *, keep_own: bool) -> dict[str, Any]:
-    """Task accuracy greedy and at T = 1 on the first held-out prompts where the records carry
-    an answer (:func:`potstill.metrics.measure_generation`); its own-sample figures (reverse KL,
-    diversity of the T = 1 completions) too unless ``keep_own`` is off, when those of the
-    recipe's on-policy sampling are kept instead."""
-    if not context.has("prompts"):
-        raise RecipeError(
-            "--prompts: the held-out records have no prompts to complete (plain-text data); "
-            "leave --prompts out"
-        )
-    out = measure_generation(context)
-    if not context.has("verifier"):
-        print("note: the held-out records carry no reference answer: no task accuracy")
-    return out if keep_own else {k: v for k, v in out.items() if not k.startswith("own_")}
 
 
 def _as_draft(r: Recipe, student, teacher, batches, tokenizer, vocab_size) -> dict:
