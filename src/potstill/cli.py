@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Teacher KL, top-1 agreement and perplexity of each --student on the recipe's "
             "held-out set (one tokenisation for all), e.g. a token-level and a sequence-level "
-            "student trained at the same token budget."
+            "student trained at the same token budget; with --prompts, the accuracy of their "
+            "answers to held-out problems too."
         ),
     )
     _add_recipe_args(p)
@@ -314,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 0, none)",
     )
     p.add_argument(
-        "--max-new-tokens", type=int, default=256, help="per --prompts completion (default: 256)"
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="per --prompts completion (default: 256)",
     )
     p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser(
