@@ -127,3 +127,12 @@ def test_evaluate_prompts_on_plain_text_says_what_to_drop(tmp_path, tiny_pair_di
     argv = ["evaluate", str(recipe), "--student", str(tiny_pair_dirs / "student")]
     assert main([*argv, "--prompts", "4"]) == 2
     assert "--prompts: the held-out records have no prompts" in capsys.readouterr().err
+
+
+def test_evaluate_prompts_is_refused_across_tokenizers_before_loading_anything():
+    from potstill.compare import compare_students
+    from potstill.recipe import load_recipe
+
+    r = load_recipe("recipes/cross_tokenizer_spans.yaml")
+    with pytest.raises(RecipeError, match="--prompts is not measured for a cross_tokenizer"):
+        compare_students(r, {"s": "no/such/model"}, prompts=4)  # loading would fail otherwise

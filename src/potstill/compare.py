@@ -85,6 +85,11 @@ def compare_students(
         own_samples = r.method == "on_policy"
     if prompts < 0 or max_new_tokens < 1:
         raise RecipeError("--prompts must be 0 or more and --max-new-tokens 1 or more")
+    if prompts and r.method == "cross_tokenizer":
+        raise RecipeError(
+            "--prompts is not measured for a cross_tokenizer recipe: leave it out, or answer "
+            "the prompts with `potstill generate RECIPE generate.model=STUDENT`"
+        )
     if not r.teacher.model:
         raise RecipeError("teacher.model is not set: the comparison is against the teacher")
     teacher = load_model(
