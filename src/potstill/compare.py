@@ -103,13 +103,16 @@ def compare_students(
     if r.method == "cross_tokenizer":
         return _compare_across_tokenizers(r, students, teacher, teacher_tokenizer, tokenizer)
     data = load_data(r, tokenizer, held_out_only=True)
-    if prompts and not prompt_records(data.eval_records):
-        raise RecipeError(
-            "--prompts: the held-out records have no prompts to complete (plain-text data); "
-            "leave --prompts out"
-        )
-    if prompts and not any("answer" in x for x in prompt_records(data.eval_records)[:prompts]):
-        print("note: the held-out records carry no reference answer: no task accuracy")
+    if prompts:
+        asked = prompt_records(data.eval_records)[:prompts]
+        if not asked:
+            raise RecipeError(
+                "--prompts: the held-out records have no prompts to complete (plain-text data); "
+                "leave --prompts out"
+            )
+        if not any("answer" in x for x in asked):
+            print("note: the held-out records carry no reference answer: no task accuracy")
+        settings = Settings(prompts=prompts, max_new_tokens=max_new_tokens, seed=r.train.seed)
     batches = fixed_batches(
         data.eval, batch_size=r.train.batch_size, pad_id=pad_token_id(tokenizer)
     )
@@ -138,7 +141,6 @@ def compare_students(
         if speculative:
             metrics.update(_as_draft(r, student, teacher, batches, tokenizer, vocab_size))
         if prompts:
-            settings = Settings(prompts=prompts, max_new_tokens=max_new_tokens, seed=r.train.seed)
             context = Context(
                 model=student, tokenizer=tokenizers[name], settings=settings,
                 records=data.eval_records, teacher=teacher, vocab_size=vocab_size,
