@@ -12,7 +12,7 @@ where both start with the same token are skipped (the first token does not tell 
     potstill generate recipes/cot_distill.yaml generate.prompts_split=eval generate.max_prompts=200 \\
         generate.n=1 generate.temperature=0 generate.keep=all \\
         generate.model=bundled:smollm2-135m-instruct generate.output=runs/start.jsonl
-    python benchmarks/teacher_on_errors.py TEACHER_DIR runs/start.jsonl \
+    python benchmarks/teacher_on_errors.py TEACHER_DIR runs/start.jsonl \\
         --teacher-samples runs/teacher.jsonl    # the teacher's own answers, generated the same way
 
 docs/methods/on_policy.md has the figures.
@@ -24,23 +24,20 @@ import argparse
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import torch
 from _pair import cpu_name
 
+from potstill.generate import read_jsonl
 from potstill.models import load_model, load_tokenizer
 
 NUMBER = re.compile(r"\d+")
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def places(record: dict) -> list[tuple[str, int, str]]:
-    """(kind, character offset in the completion, wrong value) of the sample's wrong results:
-    kind "first" for the first, "repeat" where the same value comes again."""
+def places(record: dict) -> list[tuple[str, int]]:
+    """(kind, character offset in the completion) of the sample's wrong results: kind "first"
+    for the first, "repeat" where the same value comes again."""
     operands = NUMBER.findall(record["prompt"][-1]["content"])[:2]
     text = record["completion"][0]["content"]
     out, first = [], None
@@ -50,9 +47,9 @@ def places(record: dict) -> list[tuple[str, int, str]]:
             continue
         if first is None:
             first = value
-            out.append(("first", m.start(), value))
+            out.append(("first", m.start()))
         elif value == first:
-            out.append(("repeat", m.start(), value))
+            out.append(("repeat", m.start()))
     return out
 
 
@@ -68,7 +65,7 @@ def main() -> None:
     args = p.parse_args()
     tokenizer = load_tokenizer(args.teacher)
     teacher = load_model(args.teacher).eval()
-    records = read_jsonl(args.samples)
+    records, _ = read_jsonl(Path(args.samples))
     wrong = [r for r in records if r.get("correct") is False]
     choices = {"first": Counter(), "repeat": Counter()}
     p_right = {"first": [], "repeat": []}
@@ -85,7 +82,7 @@ def main() -> None:
         with torch.no_grad():
             probs = teacher(torch.tensor([ids])).logits[0].float().softmax(-1)  # (T, V)
         right_id = tokenizer(r["answer"], add_special_tokens=False)["input_ids"][0]
-        for kind, offset, _ in places(r):
+        for kind, offset in places(r):
             at = len(prefix) + offset
             i = next(k for k, (s, e) in enumerate(spans) if s <= at < e)  # the number's 1st token
             if ids[i] == right_id:
@@ -105,7 +102,9 @@ def main() -> None:
         mean = sum(p_right[kind]) / max(1, n)
         print(f"| {kind} | {n} | {c['right']} | {c['student']} | {c['other']} | {mean:.3f} |")
     if args.teacher_samples:
-        own = {json.dumps(t["prompt"]): t["correct"] for t in read_jsonl(args.teacher_samples)}
+        own = {
+            json.dumps(t["prompt"]): t["correct"] for t in read_jsonl(Path(args.teacher_samples))[0]
+        }
         solved = sum(bool(own.get(json.dumps(r["prompt"]))) for r in wrong)
         print(f"the teacher answers {solved} of the {len(wrong)} right by itself")
 
