@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from _tiny_recipe import tiny_recipe
 
 from potstill.compare import parse_students, report_markdown
 from potstill.errors import RecipeError
@@ -71,20 +72,6 @@ def test_report_adds_own_sample_columns_when_a_student_has_them():
     assert "reverse KL on own samples" not in report_markdown(result)
 
 
-def _tiny_recipe(tmp_path, pair, rows: list[dict]):
-    """A token-level recipe over the tiny pair whose training and held-out data are ``rows``."""
-    import json
-
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "r.yaml").write_text(
-        f"method: token_level\nteacher: {{model: {pair / 'teacher'}}}\n"
-        f"student: {{model: {pair / 'student'}, init: pretrained}}\n"
-        f"data: {{train: {tmp_path / 'eval.jsonl'}, eval: {tmp_path / 'eval.jsonl'}}}\n"
-        "train: {precision: fp32}\n"
-    )
-    return tmp_path / "r.yaml"
-
-
 def test_evaluate_prompts_scores_task_accuracy_as_the_report_card(tmp_path, tiny_pair_dirs):
     import json
 
@@ -95,7 +82,7 @@ def test_evaluate_prompts_scores_task_accuracy_as_the_report_card(tmp_path, tiny
         for a in range(6)
         for b in (3, 7)
     ]
-    recipe = _tiny_recipe(tmp_path, tiny_pair_dirs, rows)
+    recipe = tiny_recipe(tmp_path, tiny_pair_dirs, rows, "token_level")
     report = tmp_path / "report.md"
     argv = ["evaluate", str(recipe), "--student", f"s={tiny_pair_dirs / 'student'}",
             "--student", f"t={tiny_pair_dirs / 'teacher'}", "--report", str(report)]  # fmt: skip
@@ -123,7 +110,7 @@ def test_evaluate_prompts_on_plain_text_says_what_to_drop(tmp_path, tiny_pair_di
     from potstill.cli import main
 
     rows = [{"text": f"{a} plus {a} is {2 * a}."} for a in range(8)]
-    recipe = _tiny_recipe(tmp_path, tiny_pair_dirs, rows)
+    recipe = tiny_recipe(tmp_path, tiny_pair_dirs, rows, "token_level")
     argv = ["evaluate", str(recipe), "--student", str(tiny_pair_dirs / "student")]
     assert main([*argv, "--prompts", "4"]) == 2
     assert "--prompts: the held-out records have no prompts" in capsys.readouterr().err

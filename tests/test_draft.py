@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from _tiny_recipe import tiny_recipe
 
 from potstill.losses.acceptance import acceptance, expected_tokens_per_pass, greedy_acceptance
 from potstill.losses.divergences import divergence
@@ -153,16 +154,10 @@ def test_evaluate_speculative_reports_each_student_as_a_draft(tmp_path, tiny_pai
     from potstill.cli import main
 
     rows = [{"prompt": f"{a}+{b}=", "completion": f" {a + b}"} for a in range(6) for b in (3, 7)]
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "r.yaml").write_text(
-        f"method: draft\nteacher: {{model: {tiny_pair_dirs / 'teacher'}}}\n"
-        f"student: {{model: {tiny_pair_dirs / 'student'}, init: pretrained}}\n"
-        f"data: {{train: {tmp_path / 'eval.jsonl'}, eval: {tmp_path / 'eval.jsonl'}}}\n"
-        "draft: {gamma: 2, eval_prompts: 3, eval_new_tokens: 6}\n"
-        "train: {precision: fp32}\n"
-    )
+    draft = "draft: {gamma: 2, eval_prompts: 3, eval_new_tokens: 6}\n"
+    recipe = tiny_recipe(tmp_path, tiny_pair_dirs, rows, "draft", draft)
     report = tmp_path / "report.md"
-    argv = ["evaluate", str(tmp_path / "r.yaml"), "--student", f"s={tiny_pair_dirs / 'student'}"]
+    argv = ["evaluate", str(recipe), "--student", f"s={tiny_pair_dirs / 'student'}"]
     assert main([*argv, "--speculative", "--report", str(report)]) == 0
     text = report.read_text()
     assert "As speculative-decoding drafts (γ = 2" in text and "| s |" in text.split("drafts")[1]
