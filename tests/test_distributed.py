@@ -39,6 +39,8 @@ RUNS = {
     "token_level_cached": "teacher: {source: cache}\ncache: {top_k: 4}\n",
     "sequence_level": "",
     "on_policy": "on_policy: {max_new_tokens: 6, lmbda: 0.5}\n",
+    # samples checked against each record's answer; a rejected one gives way to the data's row
+    "on_policy_verified": "on_policy: {max_new_tokens: 6, lmbda: 0.5, verify: number}\n",
     "cross_tokenizer": "cross_tokenizer: {alignment: uld}\n",
     "feature": "feature: {hidden_weight: 1.0, attention_weight: 1.0, relation_weight: 1.0}\n",
     "draft": "draft: {eval_prompts: 2, eval_new_tokens: 4}\n",
@@ -74,13 +76,17 @@ def table(tmp_path_factory, tiny_pair_dirs):
     narrow.save_pretrained(root / "narrow")
     AutoTokenizer.from_pretrained(tiny_pair_dirs / "student").save_pretrained(root / "narrow")
     tiny_sentence_encoder(root / "encoder")
-    rows = [{"prompt": f"{a}+{b}=", "completion": f" {a + b}"} for a in range(10) for b in (3, 7)]
+    rows = [
+        {"prompt": f"{a}+{b}=", "completion": f" {a + b}", "answer": str(a + b)}
+        for a in range(10)
+        for b in (3, 7)
+    ]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[16:]))
     data = f"data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}, max_length: 32}}\n"
     recipes = {}
     for run, extra in RUNS.items():
-        method = run.removesuffix("_cached")
+        method = run.removesuffix("_cached").removesuffix("_verified")
         if method == "embedding":
             models = f"teacher: {{model: {root / 'encoder'}}}\n"
             models += "student: {init: prune, keep_layers: [0, 3]}\n"
@@ -214,6 +220,13 @@ def runs(table, tmp_path_factory):
 @pytest.mark.parametrize("run", list(RUNS))
 def test_two_processes_train_as_one_with_the_same_global_batches(runs, engine, run):
     assert_trained_alike(runs["one"][run], runs[engine][run])
+
+
+@pytest.mark.parametrize("engine", ["one", *engines("ddp", "fsdp2", "zero2", "zero3")])
+def test_the_verified_run_checked_the_students_samples(runs, engine):
+    rows = train_rows(runs[engine]["on_policy_verified"])
+    shares = [r["student_correct_share"] for r in rows if "student_correct_share" in r]
+    assert shares and all(0 <= x <= 1 for x in shares), rows
 
 
 @pytest.mark.parametrize("engine", engines(*WHOLE_WEIGHTS))

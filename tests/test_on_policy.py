@@ -161,7 +161,7 @@ def test_sampling_is_seeded_and_masked_after_the_first_stop_id(tmp_path, setup):
     c = method.sequences(batch, step=4, index=0, **kw)
     assert torch.equal(a["input_ids"], b["input_ids"])  # same (seed, step, index): same samples
     assert not torch.equal(a["input_ids"], c["input_ids"])  # another step draws anew
-    assert bool(a["sampled_by_student"])
+    assert a["sampled_by_student"].tolist() == [True] * 4  # every row is the student's
     stops = set(stop) | {tok.eos_token_id}
     prompts = batch_prompts(batch)
     stopped = 0
@@ -495,6 +495,103 @@ def test_forward_only_fused_sums_match_the_reference_without_gradient_work():
     assert not sums.loss.requires_grad
 
 
+# --- verify: the student's samples gated by the task's verifier ----------------------------------
+
+ANSWERED = [{**rec, "answer": str(a + b)} for rec, (a, b) in zip(RECORDS, [(1, 2), (3, 4), (10, 7), (8, 8), (12, 30), (5, 9), (21, 21), (6, 1)], strict=True)]  # fmt: skip
+
+
+def verifying(tmp_path, setup, records=ANSWERED, *overrides):
+    """An on_policy method with verify=number, its examples read through its own hook."""
+    tok, _, _ = setup
+    r = recipe(tmp_path, "on_policy.verify=number", *overrides)
+    method = build_method(r, vocab_size=len(tok))
+    method.bind(tok, tok)
+    examples, _ = tokenize_records(records, tok, max_length=64, encode=method.example)
+    return r, method, examples
+
+
+def test_uncollate_gives_back_the_examples_a_batch_was_collated_from(setup):
+    from potstill.data import uncollate
+
+    tok, _, examples = setup
+    batch = collate(examples[:4], pad_token_id=tok.pad_token_id)  # rows of different lengths
+    back = collate(uncollate(batch), pad_token_id=tok.pad_token_id)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(back[key], batch[key]), key
+
+
+def test_verify_keeps_right_samples_and_puts_the_data_in_place_of_wrong_ones(tmp_path, setup):
+    tok, teacher, _ = setup
+    records = [*ANSWERED[:2], RECORDS[2]]  # the third record has no answer to check against
+    _, method, examples = verifying(tmp_path, setup, records)
+    batch = collate(examples, pad_token_id=tok.pad_token_id)
+    texts = ["1 + 2 = 3", "3 + 4 = 8", "no answer here"]  # right, wrong, unchecked
+    written = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+    fake = types.SimpleNamespace(sample=lambda prompts, params: written)
+    method.sampler = lambda *a, **k: fake
+    out = method.sequences(
+        batch, student=teacher, teacher=teacher, tokenizer=tok, step=0, index=0
+    )  # fmt: skip
+    assert out["sampled_by_student"].tolist() == [True, False, True]
+    prompts = batch_prompts(batch)
+    for row in (0, 2):  # the student's samples, scored
+        n = len(prompts[row]) + len(written[row])
+        assert out["input_ids"][row, :n].tolist() == prompts[row] + written[row]
+        assert out["labels"][row][out["labels"][row] != -100].tolist() == written[row]
+    n = int(batch["attention_mask"][1].sum())  # the rejected one: the data's row, unchanged
+    assert out["input_ids"][1, :n].tolist() == batch["input_ids"][1, :n].tolist()
+    assert out["labels"][1, :n].tolist() == batch["labels"][1, :n].tolist()
+    assert (out["labels"][1, n:] == -100).all()
+    assert method.pop_stats()["student_correct_share"] == 0.5  # of the two it could check
+
+
+def test_own_reverse_kl_is_watched_on_the_students_rows_only(tmp_path, setup):
+    tok, teacher, examples = setup
+    r = recipe(tmp_path, "loss.kind=forward_kl")
+    method = build_method(r, vocab_size=len(tok))
+    student = prune_layers(teacher, [0, 3])
+    batch = collate(examples[:3], pad_token_id=tok.pad_token_id)
+    batch["sampled_by_student"] = torch.tensor([False, True, False])
+    method.loss(student, teacher, batch)
+    with torch.no_grad():
+        out_s, out_t = student(**batch_inputs(batch)), teacher(**batch_inputs(batch))
+    mask = batch["labels"] != -100
+    mask[[0, 2]] = False
+    expected = divergence(out_s.logits[mask], out_t.logits[mask], "reverse_kl").mean()
+    assert method.pop_stats()["own_reverse_kl"] == pytest.approx(
+        float(expected), rel=1e-4, abs=1e-6
+    )
+
+
+def test_a_run_whose_every_sample_is_rejected_trains_as_token_level_on_the_data(tmp_path, setup):
+    """A random tiny student never writes the right sum: each of its samples gives way to the
+    data's row, so the run is token-level KD on the data, weight for weight."""
+    tok, teacher, _ = setup
+    steps = ["train.max_steps=3", "loss.kind=reverse_kl"]
+    r, method, examples = verifying(tmp_path / "on", setup, ANSWERED, *steps)
+    on = prune_layers(teacher, [0, 3]).requires_grad_(True)
+    result = train(r, method, student=on, tokenizer=tok, train_examples=examples,
+                   teacher=teacher, vocab_size=len(tok))  # fmt: skip
+    assert [row["student_correct_share"] for row in result.history if "loss" in row] == [0.0] * 3
+    plain, _ = tokenize_records(ANSWERED, tok, max_length=64)
+    r = recipe(tmp_path / "tl", "method=token_level", *steps)
+    student = prune_layers(teacher, [0, 3]).requires_grad_(True)
+    train(r, build_method(r, vocab_size=len(tok)), student=student, tokenizer=tok,
+          train_examples=plain, teacher=teacher, vocab_size=len(tok))  # fmt: skip
+    for (name, a), b in zip(on.state_dict().items(), student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_verify_needs_records_with_an_answer(tmp_path, setup):
+    from potstill.errors import DataError
+
+    tok, teacher, _ = setup
+    _, method, examples = verifying(tmp_path, setup, RECORDS[:2])
+    batch = collate(examples, pad_token_id=tok.pad_token_id)
+    with pytest.raises(DataError, match=r"no record has one.*on_policy\.verify=none"):
+        method.sequences(batch, student=teacher, teacher=teacher, tokenizer=tok, step=0, index=0)
+
+
 # --- recipe -----------------------------------------------------------------------------------
 
 
@@ -512,6 +609,10 @@ def test_recipe_defaults_and_errors(tmp_path):
         recipe(tmp_path, "loss.temperature=2")
     with pytest.raises(RecipeError, match=r"on_policy\.compile=false or on_policy\.engine=hf"):
         recipe(tmp_path, "on_policy.compile=true", "on_policy.engine=vllm")
+    with pytest.raises(RecipeError, match="on_policy.verify` must be one of"):
+        recipe(tmp_path, "on_policy.verify=exact")
+    with pytest.raises(RecipeError, match=r"set on_policy\.estimator=full.*on_policy\.verify=none"):
+        recipe(tmp_path, "on_policy.verify=auto", "on_policy.estimator=sampled")
 
 
 # --- vLLM sampler, against a stand-in -----------------------------------------------------------

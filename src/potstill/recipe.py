@@ -418,6 +418,14 @@ class OnPolicySpec:
         "engine hf, a live teacher and estimator full",
         0.0,
     )
+    verify: str = doc(
+        "check the final answer of each student sample against its record's `answer` (a "
+        "potstill.verify mode: auto | answer_line | number | hash | boxed | reasoning_gym; none: "
+        "no check); a sample the verifier rejects is replaced by the data's own completion for "
+        "that prompt, so the student is graded only on its prefixes that reach a right answer "
+        "(needs records with `answer`, estimator full and credit token)",
+        "none",
+    )
     collapse_distinct2: float = doc(
         "collapse guard: a sampled batch whose distinct-2 (distinct token pairs / pairs, over its "
         "samples) is below this counts as collapsed",
@@ -1003,6 +1011,23 @@ def validate_on_policy(r: Recipe) -> None:
             "on_policy.teacher_mix samples each token from a mixture of the student's and a "
             "live teacher's distributions in this process",
             "on_policy.teacher_mix=0",
+        )
+    from potstill.verify import VERIFY_MODES
+
+    if o.verify not in VERIFY_MODES:
+        raise RecipeError(
+            f"`on_policy.verify` must be one of {', '.join(VERIFY_MODES)}, got {o.verify!r}"
+        )
+    if o.verify != "none" and r.method == "on_policy":
+        _require(
+            {
+                "on_policy.estimator=full": o.estimator == "full",
+                "on_policy.credit=token": o.credit == "token",
+            },
+            "on_policy.verify puts the data's completion in place of a rejected sample, and "
+            "the sampled estimator and sequence credit are defined on the student's own "
+            "samples only",
+            "on_policy.verify=none",
         )
     for key in ("collapse_distinct2", "collapse_repetition"):
         if not 0 <= getattr(o, key) <= 1:

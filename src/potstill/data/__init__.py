@@ -19,6 +19,7 @@ from potstill.data.tokenize import (
     pack,
     tokenize_record,
     tokenize_records,
+    uncollate,
 )
 from potstill.errors import DataError
 
@@ -39,4 +40,5 @@ __all__ = [
     "record_format",
     "tokenize_record",
     "tokenize_records",
+    "uncollate",
 ]

@@ -350,17 +350,33 @@ def cut_at_stop(ids: Sequence[int], stop_ids: Collection[int]) -> list[int]:
 
 def completion_batch(
     prompts: Sequence[Sequence[int]],
-    completions: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int] | None],
     *,
     pad_token_id: int,
     ignore_index: int = -100,
     device: torch.device | str | None = None,
+    rows: Sequence[Example] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Collate ``prompt + completion`` rows with only the completion tokens supervised, on
-    ``device`` (default: the CPU)."""
+    ``device`` (default: the CPU). A completion of None takes ``rows[b]`` whole instead (e.g.
+    the data's own row, from :func:`uncollate`)."""
     examples = [
-        Example(input_ids=[*p, *c], target_mask=[False] * len(p) + [True] * len(c))
-        for p, c in zip(prompts, completions, strict=True)
+        rows[b]  # type: ignore[index]
+        if c is None
+        else Example(input_ids=[*p, *c], target_mask=[False] * len(p) + [True] * len(c))
+        for b, (p, c) in enumerate(zip(prompts, completions, strict=True))
     ]
     batch = collate(examples, pad_token_id=pad_token_id, ignore_index=ignore_index)
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def uncollate(batch: dict[str, torch.Tensor], ignore_index: int = -100) -> list[Example]:
+    """The examples a right-padded, unpacked batch was collated from (ids and target masks; the
+    first token, never a target once shifted, comes back as a non-target)."""
+    examples = []
+    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+    lengths = batch["attention_mask"].sum(1).tolist()
+    for row, row_labels, n in zip(ids, labels, lengths, strict=True):
+        targets = [False] + [y != ignore_index for y in row_labels[: n - 1]]
+        examples.append(Example(input_ids=row[:n], target_mask=targets))
+    return examples

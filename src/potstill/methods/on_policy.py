@@ -22,6 +22,16 @@ reverse KL at T=1 (GKD's and MiniLLM's choice), every divergence is selectable. 
 tokens are scored, up to and including each sample's first stop id (the tokenizer's and
 generation config's EOS ids plus ``on_policy.stop_token_ids``); prompt tokens are masked.
 
+With ``on_policy.verify`` (a :func:`potstill.verify.verify` mode) each student sample's final
+answer is checked against its record's ``answer``; a rejected sample gives way to the data's own
+completion for that row (the row is then off-policy), so the teacher grades only the student's
+prefixes that reach a right answer. Measured why: reading a wrong sample in context, the teacher
+mostly endorses its error (``benchmarks/teacher_on_errors.py``: at a repeated wrong result its top
+token was the right one 0 times in 28), so unverified on-policy training teaches the student its
+own mistakes. Rejection sampling of one's own outputs is STaR's and RAFT's filter (Zelikman et al.
+2022; Dong et al. 2023); here it gates the student's samples before the teacher grades them.
+Records without an answer keep their samples unchecked.
+
 λ=0 without seq_kd is exactly ``token_level``: no sampling, the same batches, the same loss.
 
 Which micro-batches are on-policy, and what is sampled, depends only on (train.seed, step, index),
@@ -44,7 +54,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from potstill.data import batch_prompts, completion_batch, cut_at_stop
+from potstill.data import batch_prompts, completion_batch, cut_at_stop, tokenize_record, uncollate
+from potstill.errors import DataError
 from potstill.evaluate import distinct_n, own_sample_metrics, repetition
 from potstill.generation.base import SamplingParams
 from potstill.generation.hf import HFBackend
@@ -54,6 +65,7 @@ from potstill.losses.objective import weighted_sums
 from potstill.methods.base import Method
 from potstill.methods.token_level import TokenLevel
 from potstill.utils import autocast_dtype, pad_token_id
+from potstill.verify import verify
 
 if TYPE_CHECKING:
     from potstill.recipe import Recipe
@@ -128,10 +140,15 @@ class OnPolicy(Method, name="on_policy"):
     collapse_distinct2: float = 0.1  # the collapse guard (on_policy.collapse_*)
     collapse_repetition: float = 0.8
     collapse_patience: int = 3
+    verify: str = "none"  # on_policy.verify: the verifier mode gating the student's samples
     cold_start: bool = False  # the student starts untrained (pruned or from a config)
     collapsed: int = 0  # student-sampled batches in a row that looked collapsed
     last_diversity: tuple[float, float] = (float("nan"), float("nan"))  # (distinct-2, seq-rep-4)
     samplers: dict[str, Any] = field(default_factory=dict, repr=False)  # built on first use
+    # verify: (answer, task, question, metadata) of every record read, found by the
+    # ``record_id`` each example carries (batch["record_id"] (B, 1))
+    references: list[tuple[Any, ...]] = field(default_factory=list, repr=False)
+    tokenizer: Any = field(default=None, repr=False)  # bound: the student's, to read records
     stats: dict[str, Any] = field(default_factory=dict, repr=False)  # since the last pop_stats
 
     @property
@@ -158,6 +175,7 @@ class OnPolicy(Method, name="on_policy"):
             + (", sampled reverse-KL estimator" if self.estimator == "sampled" else "")
             + credit
             + (f", teacher-mixed α={self.teacher_mix}" if self.teacher_mix else "")
+            + (f", samples verified ({self.verify})" if self.verify != "none" else "")
             + (", compiled decoding" if self.compile_decode and self.engine == "hf" else "")
             + "); "
             + self.kd.describe().removeprefix("token_level: ")
@@ -187,8 +205,62 @@ class OnPolicy(Method, name="on_policy"):
             collapse_distinct2=o.collapse_distinct2,
             collapse_repetition=o.collapse_repetition,
             collapse_patience=o.collapse_patience,
+            verify=o.verify,
             cold_start=r.student.init != "pretrained",
         )
+
+    # --- records (verify) -----------------------------------------------------------------------
+
+    @property
+    def encodes_records(self) -> bool:  # type: ignore[override]
+        """With verify, records are read here, to keep each one's reference answer."""
+        return self.verify != "none"
+
+    def bind(self, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+        self.tokenizer = student_tokenizer
+
+    def example(self, record: dict, *, max_length: int) -> tuple[Any, bool]:
+        """The default reading of ``record``, carrying the index of its reference answer."""
+        example, truncated = tokenize_record(record, self.tokenizer, max_length=max_length)
+        metadata = record.get("metadata")
+        self.references.append(
+            (
+                record.get("answer"),
+                record.get("task") if isinstance(record.get("task"), str) else None,
+                record.get("question"),
+                metadata if isinstance(metadata, dict) else None,
+            )
+        )
+        example.extra = {**(example.extra or {}), "record_id": [len(self.references) - 1]}
+        return example, truncated
+
+    def check(self, batch: dict[str, Tensor], completions: list[list[int]]) -> list[bool | None]:
+        """The verifier's verdict on each row's sample (None: its record has no answer)."""
+        if "record_id" not in batch:
+            raise RuntimeError(
+                "on_policy.verify: batches carry no record_id (records not read here)"
+            )
+        if not any(ref[0] is not None for ref in self.references):
+            raise DataError(
+                "on_policy.verify checks each sample against its record's `answer`, but no "
+                "record has one; train on records with an `answer` field (e.g. potstill "
+                "generate's output on a reasoning-gym task) or set on_policy.verify=none"
+            )
+        verdicts = []
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        for text, rid in zip(texts, batch["record_id"][:, 0].tolist(), strict=True):
+            answer, task, question, metadata = self.references[rid]
+            verdicts.append(
+                verify(
+                    text,
+                    answer=answer,
+                    task=task,
+                    question=question,
+                    metadata=metadata,
+                    mode=self.verify,
+                ).correct
+            )
+        return verdicts
 
     # --- sequences ------------------------------------------------------------------------------
 
@@ -258,16 +330,28 @@ class OnPolicy(Method, name="on_policy"):
         )
         s[f"{writer}_seconds"] = s.get(f"{writer}_seconds", 0.0) + time.perf_counter() - t0
         s[f"{writer}_batches"] = s.get(f"{writer}_batches", 0) + 1
-        out = completion_batch(
-            prompts,
-            completions,
-            pad_token_id=pad_token_id(tokenizer),
-            device=batch["input_ids"].device,
-        )
         s.setdefault(f"{writer}_lengths", []).extend(len(c) for c in completions)
+        kept: list[list[int] | None] = list(completions)
         if writer == "student":
             self.watch_diversity(completions)
-        out["sampled_by_student"] = torch.tensor(writer == "student")
+            if self.verify != "none":
+                verdicts = self.check(batch, completions)
+                s["verified"] = s.get("verified", 0) + sum(v is not None for v in verdicts)
+                s["verified_correct"] = s.get("verified_correct", 0) + sum(
+                    v is True for v in verdicts
+                )
+                kept = [
+                    None if v is False else c for v, c in zip(verdicts, completions, strict=True)
+                ]
+        out = completion_batch(
+            prompts,
+            kept,
+            pad_token_id=pad_token_id(tokenizer),
+            device=batch["input_ids"].device,
+            rows=uncollate(batch, self.kd.ignore_index) if None in kept else None,
+        )
+        own = [writer == "student" and c is not None for c in kept]
+        out["sampled_by_student"] = torch.tensor(own)  # (B,) on the host: read without a sync
         return out
 
     def watch_diversity(self, completions: list[list[int]]) -> None:
@@ -302,7 +386,10 @@ class OnPolicy(Method, name="on_policy"):
         labels = batch["labels"]  # (B, T)
         mask = labels != self.kd.ignore_index  # (B, T)
         student_h = final_hidden(student, batch)[mask]  # (N, H_s)
-        own = bool(batch.get("sampled_by_student", False))
+        rows = (
+            batch.get("sampled_by_student", torch.tensor(False)).cpu().expand(len(labels))
+        )  # (B,)
+        own = bool(rows.any())
         teacher_h = None  # (N, H_t) a live teacher's, computed once for every term that needs it
         if not self.kd.sparse:
             with torch.no_grad():
@@ -313,7 +400,7 @@ class OnPolicy(Method, name="on_policy"):
         if self.estimator == "sampled" and own:
             sums = self.sampled_loss(lq, lp, mask, student_h)
         else:
-            sums = self.full_loss(student, teacher, batch, mask, student_h, teacher_h, own)
+            sums = self.full_loss(student, teacher, batch, mask, student_h, teacher_h, rows)
         if self.credit == "sequence":
             sums = self.later_credit(sums, lq, lp, mask, student_h)
         return sums
@@ -326,41 +413,50 @@ class OnPolicy(Method, name="on_policy"):
         mask: Tensor,
         student_h: Tensor,
         teacher_h: Tensor | None,
-        own: bool,
+        rows: Tensor,
     ) -> LossSums:
         """The divergence over the whole vocabulary at every scored position (``token_level``'s
-        objective), and the reverse KL at T=1 on the student's own samples for the log."""
+        objective), and the reverse KL at T=1 on the student's own samples (the rows where the
+        (B,) bool ``rows`` is True) for the log."""
         kd = self.kd
         labels = batch["labels"]  # (B, T)
         if kd.sparse:  # a served teacher scores the sampled tokens: its top-k per position
             ids, logprobs = kd.teacher_rows(batch, mask, "train")  # (N, k)
 
-            def objective(h: Tensor, **override: float | str) -> LossSums:
-                return kd.sparse_objective(student, h, labels[mask], ids, logprobs, **override)
+            def objective(h: Tensor, at: Any = slice(None), **override: float | str) -> LossSums:
+                y = labels[mask][at]
+                return kd.sparse_objective(student, h, y, ids[at], logprobs[at], **override)
 
         else:
 
-            def objective(h: Tensor, **override: float | str) -> LossSums:
-                return kd.objective(student, teacher, h, teacher_h, labels[mask], **override)
+            def objective(h: Tensor, at: Any = slice(None), **override: float | str) -> LossSums:
+                return kd.objective(
+                    student, teacher, h, teacher_h[at], labels[mask][at], **override
+                )
 
         sums = objective(student_h)
         # The reverse KL at T=1 on the student's own samples, for the log: the soft term itself
-        # when that is the objective, else one forward-only pass (no gradient work). A served
-        # teacher's log-probabilities are at loss.kd_temperature: no T=1 figure unless T=1.
+        # when that is the objective on nothing but own samples, else one forward-only pass (no
+        # gradient work) on those. A served teacher's log-probabilities are at
+        # loss.kd_temperature: no T=1 figure unless T=1.
         watch = not (kd.sparse and kd.temperature != 1.0)
-        if watch and own:
-            if kd.kind == "reverse_kl" and kd.temperature == 1.0 and kd.soft_weight:
+        if watch and bool(rows.any()):
+            every = bool(rows.all())
+            own_pos = rows.to(mask.device)[:, None].expand_as(mask)  # (B, T)
+            if every and kd.kind == "reverse_kl" and kd.temperature == 1.0 and kd.soft_weight:
                 watched = sums.terms["soft"]
             else:
+                at = slice(None) if every else own_pos[mask]  # (N,) the own rows' positions
                 with torch.no_grad():
                     watched = objective(
-                        student_h.detach(),
+                        student_h.detach()[at],
+                        at,
                         kind="reverse_kl",
                         temperature=1.0,
                         soft_weight=1.0,
                         hard_weight=0.0,
                     ).terms["soft"]
-            self.watch_own_kl(watched, mask)
+            self.watch_own_kl(watched, mask & own_pos)
         return sums
 
     def watch_own_kl(self, kl_sum: Tensor, mask: Tensor) -> None:
@@ -426,6 +522,8 @@ class OnPolicy(Method, name="on_policy"):
                 out[key] = sum(finite) / len(finite)
         if "own_kl_tokens" in s and int(s["own_kl_tokens"]):
             out["own_reverse_kl"] = float(s["own_kl_sum"]) / int(s["own_kl_tokens"])
+        if s.get("verified"):
+            out["student_correct_share"] = s["verified_correct"] / s["verified"]
         return out
 
     # --- held-out -------------------------------------------------------------------------------
