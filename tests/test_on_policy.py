@@ -526,7 +526,7 @@ def test_verify_keeps_right_samples_and_puts_the_data_in_place_of_wrong_ones(tmp
     _, method, examples = verifying(tmp_path, setup, records)
     batch = collate(examples, pad_token_id=tok.pad_token_id)
     texts = ["1 + 2 = 3", "3 + 4 = 8", "no answer here"]  # right, wrong, unchecked
-    written = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+    written = [[*tok.encode(t, add_special_tokens=False), tok.eos_token_id] for t in texts]
     fake = types.SimpleNamespace(sample=lambda prompts, params: written)
     method.sampler = lambda *a, **k: fake
     out = method.sequences(
@@ -609,7 +609,7 @@ def test_recipe_defaults_and_errors(tmp_path):
         recipe(tmp_path, "loss.temperature=2")
     with pytest.raises(RecipeError, match=r"on_policy\.compile=false or on_policy\.engine=hf"):
         recipe(tmp_path, "on_policy.compile=true", "on_policy.engine=vllm")
-    with pytest.raises(RecipeError, match="on_policy.verify` must be one of"):
+    with pytest.raises(RecipeError, match=r"on_policy\.verify` must be one of"):
         recipe(tmp_path, "on_policy.verify=exact")
     with pytest.raises(RecipeError, match=r"set on_policy\.estimator=full.*on_policy\.verify=none"):
         recipe(tmp_path, "on_policy.verify=auto", "on_policy.estimator=sampled")
