@@ -158,6 +158,9 @@ CASES: list[Case] = [
     Case("prompts-too-long", "every prompt longer than data.max_length: nothing left to learn",
          ("train", *KD, "data.train={w}/d.jsonl", "data.max_length=8", OUT),
          r"max_length", {"d.jsonl": jsonl(*[{"prompt": "x" * 40, "completion": "y"}] * 4)}),
+    Case("verify-without-answers", "on-policy samples to verify, but no record has an answer",
+         ("train", *KD, "method=on_policy", "on_policy.verify=auto", OUT),
+         r"on_policy\.verify=none"),
     # --- the output directory ---------------------------------------------------------------
     Case("output-of-another-run", "train.output_dir holds an unrelated run",
          ("train", *KD, OUT), r"output_dir",

@@ -585,11 +585,11 @@ def test_a_run_whose_every_sample_is_rejected_trains_as_token_level_on_the_data(
 def test_verify_needs_records_with_an_answer(tmp_path, setup):
     from potstill.errors import DataError
 
-    tok, teacher, _ = setup
-    _, method, examples = verifying(tmp_path, setup, RECORDS[:2])
-    batch = collate(examples, pad_token_id=tok.pad_token_id)
+    _, teacher, _ = setup
+    _, method, _ = verifying(tmp_path, setup, RECORDS[:2])
     with pytest.raises(DataError, match=r"no record has one.*on_policy\.verify=none"):
-        method.sequences(batch, student=teacher, teacher=teacher, tokenizer=tok, step=0, index=0)
+        method.attach(teacher, teacher)  # before the first step
+    verifying(tmp_path, setup, [ANSWERED[0], RECORDS[1]])[1].attach(teacher, teacher)  # one will do
 
 
 # --- recipe -----------------------------------------------------------------------------------

@@ -234,17 +234,20 @@ class OnPolicy(Method, name="on_policy"):
         example.extra = {**(example.extra or {}), "record_id": [len(self.references) - 1]}
         return example, truncated
 
+    def attach(self, student: nn.Module | None, teacher: nn.Module | None) -> None:
+        """Refuse verify, before the first step, where no record read has an answer."""
+        if self.verify != "none" and not any(ref[0] is not None for ref in self.references):
+            raise DataError(
+                "on_policy.verify checks each sample against its record's `answer`, but no "
+                "record has one; train on records with an `answer` field (e.g. potstill "
+                "generate's output on a reasoning-gym task) or set on_policy.verify=none"
+            )
+
     def check(self, batch: dict[str, Tensor], completions: list[list[int]]) -> list[bool | None]:
         """The verifier's verdict on each row's sample (None: its record has no answer)."""
         if "record_id" not in batch:
             raise RuntimeError(
                 "on_policy.verify: batches carry no record_id (records not read here)"
-            )
-        if not any(ref[0] is not None for ref in self.references):
-            raise DataError(
-                "on_policy.verify checks each sample against its record's `answer`, but no "
-                "record has one; train on records with an `answer` field (e.g. potstill "
-                "generate's output on a reasoning-gym task) or set on_policy.verify=none"
             )
         verdicts = []
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
