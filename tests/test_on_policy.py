@@ -137,14 +137,21 @@ def test_a_qat_student_rounds_its_weights_once_per_sampling_call(tiny_chat_lm, m
 
 def test_lambda_zero_is_token_level_kd_exactly(tmp_path, setup):
     """λ=0 without seq_kd: no sampling, and the same loss, gradients and weights as token_level."""
-    tok, teacher, examples = setup
     steps = ["train.max_steps=3", "loss.kind=reverse_kl"]
     _, on = run(tmp_path / "on", setup, "on_policy.lmbda=0", *steps)
-    r = recipe(tmp_path / "tl", "method=token_level", *steps)
+    assert_trains_as_token_level(tmp_path / "tl", setup, on, setup[2], steps)
+
+
+def assert_trains_as_token_level(tmp_path, setup, trained, examples, steps):
+    """``trained`` holds exactly the weights token-level KD reaches on ``examples``."""
+    tok, teacher, _ = setup
+    r = recipe(tmp_path, "method=token_level", *steps)
     student = prune_layers(teacher, [0, 3]).requires_grad_(True)
     train(r, build_method(r, vocab_size=len(tok)), student=student, tokenizer=tok,
           train_examples=examples, teacher=teacher, vocab_size=len(tok))  # fmt: skip
-    for (name, a), b in zip(on.state_dict().items(), student.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        trained.state_dict().items(), student.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -574,12 +581,7 @@ def test_a_run_whose_every_sample_is_rejected_trains_as_token_level_on_the_data(
                    teacher=teacher, vocab_size=len(tok))  # fmt: skip
     assert [row["student_correct_share"] for row in result.history if "loss" in row] == [0.0] * 3
     plain, _ = tokenize_records(ANSWERED, tok, max_length=64)
-    r = recipe(tmp_path / "tl", "method=token_level", *steps)
-    student = prune_layers(teacher, [0, 3]).requires_grad_(True)
-    train(r, build_method(r, vocab_size=len(tok)), student=student, tokenizer=tok,
-          train_examples=plain, teacher=teacher, vocab_size=len(tok))  # fmt: skip
-    for (name, a), b in zip(on.state_dict().items(), student.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_trains_as_token_level(tmp_path / "tl", setup, on, plain, steps)
 
 
 def test_verify_needs_records_with_an_answer(tmp_path, setup):
