@@ -1014,10 +1014,7 @@ def validate_on_policy(r: Recipe) -> None:
         )
     from potstill.verify import VERIFY_MODES
 
-    if o.verify not in VERIFY_MODES:
-        raise RecipeError(
-            f"`on_policy.verify` must be one of {', '.join(VERIFY_MODES)}, got {o.verify!r}"
-        )
+    _one_of("on_policy.verify", o.verify, VERIFY_MODES)
     if o.verify != "none" and r.method == "on_policy":
         _require(
             {
@@ -1062,18 +1059,20 @@ GENERATE_CHOICES = {
 }
 
 
+def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Refuse a ``value`` of ``key`` outside ``choices``, naming the closest one."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise RecipeError(f"`{key}` must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
 def validate_generate(g: GenerateSpec) -> None:
     """Checks of the `generate` section that need no model (the model itself: run_generate)."""
     from potstill.verify import VERIFY_MODES
 
     for key, choices in {**GENERATE_CHOICES, "verify": VERIFY_MODES}.items():
-        value = getattr(g, key)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise RecipeError(
-                f"`generate.{key}` must be one of {', '.join(choices)}, got {value!r}{hint}"
-            )
+        _one_of(f"generate.{key}", getattr(g, key), choices)
     for key in ("n", "max_new_tokens", "batch_size", "concurrency"):
         if getattr(g, key) < 1:
             raise RecipeError(f"`generate.{key}` must be ≥ 1, got {getattr(g, key)}")
