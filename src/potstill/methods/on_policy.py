@@ -145,9 +145,10 @@ class OnPolicy(Method, name="on_policy"):
     collapsed: int = 0  # student-sampled batches in a row that looked collapsed
     last_diversity: tuple[float, float] = (float("nan"), float("nan"))  # (distinct-2, seq-rep-4)
     samplers: dict[str, Any] = field(default_factory=dict, repr=False)  # built on first use
-    # verify: (answer, task, question, metadata) of every record read, found by the
-    # ``record_id`` each example carries (batch["record_id"] (B, 1))
-    references: list[tuple[Any, ...]] = field(default_factory=list, repr=False)
+    # verify: what :func:`potstill.verify.verify` reads of every record read (answer, task,
+    # question, metadata), found by the ``record_id`` each example carries (batch["record_id"]
+    # (B, 1))
+    references: list[dict[str, Any]] = field(default_factory=list, repr=False)
     tokenizer: Any = field(default=None, repr=False)  # bound: the student's, to read records
     stats: dict[str, Any] = field(default_factory=dict, repr=False)  # since the last pop_stats
 
@@ -222,21 +223,21 @@ class OnPolicy(Method, name="on_policy"):
     def example(self, record: dict, *, max_length: int) -> tuple[Any, bool]:
         """The default reading of ``record``, carrying the index of its reference answer."""
         example, truncated = tokenize_record(record, self.tokenizer, max_length=max_length)
-        metadata = record.get("metadata")
+        task, metadata = record.get("task"), record.get("metadata")
         self.references.append(
-            (
-                record.get("answer"),
-                record.get("task") if isinstance(record.get("task"), str) else None,
-                record.get("question"),
-                metadata if isinstance(metadata, dict) else None,
-            )
+            {
+                "answer": record.get("answer"),
+                "task": task if isinstance(task, str) else None,
+                "question": record.get("question"),
+                "metadata": metadata if isinstance(metadata, dict) else None,
+            }
         )
         example.extra = {**(example.extra or {}), "record_id": [len(self.references) - 1]}
         return example, truncated
 
     def attach(self, student: nn.Module | None, teacher: nn.Module | None) -> None:
         """Refuse verify, before the first step, where no record read has an answer."""
-        if self.verify != "none" and not any(ref[0] is not None for ref in self.references):
+        if self.verify != "none" and not any(ref["answer"] is not None for ref in self.references):
             raise DataError(
                 "on_policy.verify checks each sample against its record's `answer`, but no "
                 "record has one; train on records with an `answer` field (e.g. potstill "
@@ -249,21 +250,12 @@ class OnPolicy(Method, name="on_policy"):
             raise RuntimeError(
                 "on_policy.verify: batches carry no record_id (records not read here)"
             )
-        verdicts = []
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        for text, rid in zip(texts, batch["record_id"][:, 0].tolist(), strict=True):
-            answer, task, question, metadata = self.references[rid]
-            verdicts.append(
-                verify(
-                    text,
-                    answer=answer,
-                    task=task,
-                    question=question,
-                    metadata=metadata,
-                    mode=self.verify,
-                ).correct
-            )
-        return verdicts
+        ids = batch["record_id"][:, 0].tolist()
+        return [
+            verify(text, mode=self.verify, **self.references[i]).correct
+            for text, i in zip(texts, ids, strict=True)
+        ]
 
     # --- sequences ------------------------------------------------------------------------------
 
