@@ -5,6 +5,7 @@ reverse-KL monitor, the vLLM sampler against a stand-in, and a few steps on the 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import types
@@ -582,6 +583,19 @@ def test_a_run_whose_every_sample_is_rejected_trains_as_token_level_on_the_data(
     assert [row["student_correct_share"] for row in result.history if "loss" in row] == [0.0] * 3
     plain, _ = tokenize_records(ANSWERED, tok, max_length=64)
     assert_trains_as_token_level(tmp_path / "tl", setup, on, plain, steps)
+
+
+def test_verify_reads_each_records_reference_as_potstill_generate_does(tmp_path, setup):
+    from potstill.generate import load_prompts
+
+    data = tmp_path / "answered.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ANSWERED[:3]))
+    _, method, _ = verifying(tmp_path, setup, ANSWERED[:3])
+    items = load_prompts(str(data))
+    assert method.references == [
+        {k: getattr(item, k) for k in ("answer", "task", "question", "metadata")} for item in items
+    ]
+    assert method.references[2]["question"] == "What is 10 plus 7?"  # the prompt's user turn
 
 
 def test_verify_needs_records_with_an_answer(tmp_path, setup):

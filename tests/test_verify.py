@@ -16,6 +16,7 @@ from potstill.verify import (
     extract_last_number,
     parse_number,
     reasoning_gym_score,
+    reference_of,
     verify,
 )
 
@@ -89,6 +90,24 @@ def test_verify_modes():
     assert verify("Answer: 7", answer="7", mode="none").correct is None
     with pytest.raises(VerifyError, match="unknown verify mode 'exact'"):
         verify("Answer: 7", answer="7", mode="exact")
+
+
+def test_reference_of_reads_what_verify_needs_from_a_record():
+    sys_user_reply = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "Answer: 5"},
+    ]
+    ref = reference_of({"messages": sys_user_reply, "answer": 5, "task": "basic_arithmetic"})
+    assert ref == {"answer": "5", "task": "basic_arithmetic", "question": "What is 2 + 3?",
+                   "metadata": None}  # fmt: skip
+    assert (
+        reference_of({"prompt": "2 + 3?", "question": "Add 2 and 3."})["question"] == "Add 2 and 3."
+    )
+    assert reference_of({"prompt": "2 + 3?"})["question"] == "2 + 3?"
+    assert reference_of({"prompt": "x"}, [{"role": "user", "content": "y"}])["question"] == "y"
+    odd = reference_of({"prompt": 7, "task": 3, "metadata": [1], "answer": None})
+    assert odd == {"answer": None, "task": None, "question": None, "metadata": None}
 
 
 # ---------------------------------------------------------------------------------------------

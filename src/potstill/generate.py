@@ -48,7 +48,7 @@ from potstill.errors import DataError, GenerationError, RecipeError, VerifyError
 from potstill.generation.base import Backend, Completion, Prompt, SamplingParams
 from potstill.recipe import GenerateSpec, Recipe
 from potstill.utils import atomic_write
-from potstill.verify import Verification, is_reasoning_gym_task, verify
+from potstill.verify import Verification, is_reasoning_gym_task, reference_of, verify
 
 LEDGER_SUFFIX = ".ledger.jsonl"
 REPORT_SUFFIX = ".report.json"
@@ -65,7 +65,7 @@ class PromptItem:
     prompt: Prompt  # the source's prompt, unchanged: what the record's "prompt" holds
     answer: str | None  # reference answer for verification
     task: str | None  # e.g. a reasoning-gym task name
-    question: str | None  # the last user turn's text (reasoning-gym's scorer reads it)
+    question: str | None  # the record's, else the last user turn (reasoning-gym's scorer reads it)
     metadata: dict | None  # reasoning-gym entry metadata, when the record carries it
 
 
@@ -82,16 +82,11 @@ def load_prompts(
     items = []
     for i, record in enumerate(records):
         prompt = prompt_of(record, where=f"{source} record {i}")
-        answer = record.get("answer")
-        metadata = record.get("metadata")
         items.append(
             PromptItem(
                 prompt_id=f"{i}-{_digest(prompt)[:10]}",
                 prompt=prompt,
-                answer=None if answer is None else str(answer),
-                task=record.get("task") if isinstance(record.get("task"), str) else None,
-                question=record.get("question") or _question_of(prompt),
-                metadata=metadata if isinstance(metadata, dict) else None,
+                **reference_of(record, prompt),
             )
         )
     return items
@@ -133,13 +128,6 @@ def _messages(value: Any, key: str, where: str, found: str) -> list[dict]:
             f"({found})"
         )
     return list(value)
-
-
-def _question_of(prompt: Prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m["role"] == "user"]
-    return users[-1] if users else prompt[-1]["content"]
 
 
 def _digest(value: Any) -> str:

@@ -425,11 +425,10 @@ def removed(rows: dict[str, dict[str, Any]], keys: Sequence[str], start: str) ->
 def task_accuracy(records: Sequence[dict], texts: Sequence[str]) -> tuple[float, int]:
     """(share of ``texts`` whose final answer :func:`potstill.verify.verify` finds correct for
     its record, how many records had an answer to check); NaN when none had."""
-    from potstill.verify import verify
+    from potstill.verify import reference_of, verify
 
     correct = [
-        verify(text, answer=r.get("answer"), task=r.get("task"), metadata=r.get("metadata")).correct
-        for r, text in zip(records, texts, strict=True)
+        verify(text, **reference_of(r)).correct for r, text in zip(records, texts, strict=True)
     ]
     checked = [x for x in correct if x is not None]
     return (sum(checked) / len(checked) if checked else math.nan), len(checked)

@@ -17,7 +17,8 @@ Checks:
 
 ``verify(text, answer=..., task=..., mode=...)`` ties them together; with ``think=True`` the answer
 is read only after the closing ``</think>`` of a reasoning block, and a reply without one has no
-answer.
+answer. ``reference_of(record)`` reads those keywords off a data record, for ``potstill generate``
+and on_policy's ``verify`` alike.
 """
 
 from __future__ import annotations
@@ -212,6 +213,32 @@ def reasoning_gym_score(
         return float(_rg_dataset(task).score_answer(answer, entry))
     except Exception:  # a third-party scorer: KeyError on missing metadata, parse errors, ...
         return None
+
+
+def reference_of(record: dict, prompt: str | list[dict] | None = None) -> dict[str, Any]:
+    """What ``verify`` needs of a data record, as its keywords: ``answer`` (a string, or None),
+    ``task`` and ``metadata`` when well-typed, and ``question`` — the record's own, else the last
+    user turn of ``prompt`` (default: the record's ``prompt`` or ``messages``), which
+    reasoning-gym scorers read."""
+    task, metadata, answer = record.get("task"), record.get("metadata"), record.get("answer")
+    if prompt is None:
+        prompt = record.get("prompt") or record.get("messages")
+    return {
+        "answer": None if answer is None else str(answer),
+        "task": task if isinstance(task, str) else None,
+        "question": record.get("question") or _last_user_turn(prompt),
+        "metadata": metadata if isinstance(metadata, dict) else None,
+    }
+
+
+def _last_user_turn(prompt: Any) -> str | None:
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list):
+        return None
+    turns = [m for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    users = [m["content"] for m in turns if m.get("role") == "user"]
+    return users[-1] if users else (turns[-1]["content"] if turns else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ from potstill.losses.objective import weighted_sums
 from potstill.methods.base import Method
 from potstill.methods.token_level import TokenLevel
 from potstill.utils import autocast_dtype, pad_token_id
-from potstill.verify import verify
+from potstill.verify import reference_of, verify
 
 if TYPE_CHECKING:
     from potstill.recipe import Recipe
@@ -223,15 +223,7 @@ class OnPolicy(Method, name="on_policy"):
     def example(self, record: dict, *, max_length: int) -> tuple[Any, bool]:
         """The default reading of ``record``, carrying the index of its reference answer."""
         example, truncated = tokenize_record(record, self.tokenizer, max_length=max_length)
-        task, metadata = record.get("task"), record.get("metadata")
-        self.references.append(
-            {
-                "answer": record.get("answer"),
-                "task": task if isinstance(task, str) else None,
-                "question": record.get("question"),
-                "metadata": metadata if isinstance(metadata, dict) else None,
-            }
-        )
+        self.references.append(reference_of(record))
         example.extra = {**(example.extra or {}), "record_id": [len(self.references) - 1]}
         return example, truncated
 
