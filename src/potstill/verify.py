@@ -218,8 +218,8 @@ def reasoning_gym_score(
 def reference_of(record: dict, prompt: str | list[dict] | None = None) -> dict[str, Any]:
     """What ``verify`` needs of a data record, as its keywords: ``answer`` (a string, or None),
     ``task`` and ``metadata`` when well-typed, and ``question`` — the record's own, else the last
-    user turn of ``prompt`` (default: the record's ``prompt`` or ``messages``), which
-    reasoning-gym scorers read."""
+    user turn of ``prompt`` (default: the record's ``prompt`` or ``messages``), for a
+    reasoning-gym scorer that reads it."""
     task, metadata, answer = record.get("task"), record.get("metadata"), record.get("answer")
     if prompt is None:
         prompt = record.get("prompt") or record.get("messages")
