@@ -1,9 +1,10 @@
-"""`potstill plan`'s memory estimate against the measured peak of real runs on the bundled models.
+"""`potstill plan`'s memory and checkpoint estimates against real runs on the bundled models.
 
 For each configuration: `potstill plan` (a fresh process), then a short `potstill train` of the
 same recipe (one process, or two under `accelerate launch` with configs/accelerate/*.yaml); the
-run's last metrics row holds `peak_memory_mb`, the resident-set peak of its largest process.
-Prints estimate, measurement and error. CPU only; runs one configuration at a time.
+run's last metrics row holds `peak_memory_mb`, the resident-set peak of its largest process, and
+its folder the checkpoint every run ends with (all processes' parts). Prints estimates,
+measurements and errors. CPU only; runs one configuration at a time.
 
     .venv/bin/python benchmarks/plan_memory.py [--steps 3] [--out runs/bench_plan] [--only FSDP2]
 """
@@ -34,18 +35,24 @@ CONFIGS = [  # name, recipe, processes, engine, extra overrides
 ]  # fmt: skip
 
 
-def planned(recipe: str, processes: int, engine: str, overrides: list[str]) -> float:
-    """The plan's total per process, in bytes."""
+def planned(recipe: str, processes: int, engine: str, overrides: list[str]) -> tuple[float, float]:
+    """The plan's (total per process, one checkpoint on disk), in bytes."""
     out = subprocess.run(
         [BIN / "potstill", "plan", recipe, "--processes", str(processes), "--engine", engine,
          *overrides],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout  # fmt: skip
-    value, unit = re.search(r"^\s+total\s+([\d.]+) (GiB|MiB)", out, re.M).groups()
-    return float(value) * (2**30 if unit == "GiB" else 2**20)
+    scale = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}
+    found = [
+        re.search(pattern, out, re.M).groups()
+        for pattern in (r"^\s+total\s+([\d.]+) (.iB)", r"a checkpoint of ≈ ([\d.]+) (.iB)")
+    ]
+    memory, disk = (float(value) * scale[unit] for value, unit in found)
+    return memory, disk
 
 
-def measured(recipe, processes, engine, overrides, out: Path, steps: int) -> float:
+def measured(recipe, processes, engine, overrides, out: Path, steps: int) -> tuple[float, int]:
+    """(the run's peak resident memory, its checkpoint's bytes)."""
     shutil.rmtree(out, ignore_errors=True)
     train = [
         "potstill", "train", recipe, *overrides, f"train.output_dir={out}",
@@ -60,7 +67,8 @@ def measured(recipe, processes, engine, overrides, out: Path, steps: int) -> flo
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     subprocess.run(command, check=True, cwd=ROOT, env=env, capture_output=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows[-1]["peak_memory_mb"] * 2**20
+    written = sum(f.stat().st_size for f in (out / "checkpoint").rglob("*") if f.is_file())
+    return rows[-1]["peak_memory_mb"] * 2**20, written
 
 
 def main() -> None:
@@ -74,14 +82,17 @@ def main() -> None:
          if ln.startswith("model name")), platform.processor(),
     )  # fmt: skip
     print(f"CPU: {cpu}, {os.cpu_count()} cores; {args.steps} steps per run\n")
-    print(f"{'configuration':<34} {'plan':>9} {'measured':>9} {'error':>7}")
+    print(f"{'':<34} {'memory per process':^27}   {'checkpoint on disk':^27}")
+    print(f"{'configuration':<34} {'plan':>9} {'measured':>9} {'error':>7}   "
+          f"{'plan':>9} {'written':>9} {'error':>7}")  # fmt: skip
     for i, (name, recipe, n, engine, overrides) in enumerate(CONFIGS):
         if args.only and args.only not in name:
             continue
-        plan = planned(recipe, n, engine, overrides)
-        peak = measured(recipe, n, engine, overrides, ROOT / args.out / str(i), args.steps)
+        plan, disk = planned(recipe, n, engine, overrides)
+        peak, written = measured(recipe, n, engine, overrides, ROOT / args.out / str(i), args.steps)
         print(
-            f"{name:<34} {plan / 2**30:>7.2f} G {peak / 2**30:>7.2f} G {plan / peak - 1:>+7.1%}",
+            f"{name:<34} {plan / 2**30:>7.2f} G {peak / 2**30:>7.2f} G {plan / peak - 1:>+7.1%}   "
+            f"{disk / 2**30:>7.3f} G {written / 2**30:>7.3f} G {disk / written - 1:>+7.1%}",
             flush=True,
         )
 

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from potstill.cli import main
+from potstill.utils import folder_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "accelerate"
@@ -349,12 +350,13 @@ def potstill(*argv: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def planned_total(proc: subprocess.Popen) -> float:
-    """`potstill plan`'s total per process (MiB)."""
+def planned(proc: subprocess.Popen) -> tuple[float, float]:
+    """`potstill plan`'s (total memory per process, one checkpoint on disk), in MiB."""
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    value, unit = re.search(r"^\s+total\s+([\d.]+) (GiB|MiB)", out, re.M).groups()
-    return float(value) * (1024 if unit == "GiB" else 1)
+    patterns = (r"^\s+total\s+([\d.]+) (.iB)", r"a checkpoint of ≈ ([\d.]+) (.iB)")
+    found = [re.search(pattern, out, re.M).groups() for pattern in patterns]
+    return tuple(float(value) * {"GiB": 1024, "MiB": 1, "KiB": 1 / 1024}[u] for value, u in found)
 
 
 def peak_mb(run: Path) -> float:
@@ -365,7 +367,8 @@ def peak_mb(run: Path) -> float:
 def test_the_plan_is_within_a_quarter_of_the_measured_peak(table, runs, tmp_path):
     """One process (its own subprocess, so that its peak is its own), and the 2-process runs of
     the same recipe under each engine; the plans and the lone run side by side (a plan's memory
-    is its own process's, whatever else runs)."""
+    is its own process's, whatever else runs), and each plan's checkpoint against the one its
+    run wrote."""
     _, recipes = table
     recipe = str(recipes["token_level"])
     alone = tmp_path / "alone"
@@ -377,13 +380,18 @@ def test_the_plan_is_within_a_quarter_of_the_measured_peak(table, runs, tmp_path
         )
     lone.communicate(timeout=300)
     assert lone.returncode == 0
-    cases = {
-        name: (planned_total(proc), peak_mb(runs[name]["token_level"] if name in runs else alone))
-        for name, proc in plans.items()
-    }
+    cases, disk = {}, {}
+    for name, proc in plans.items():
+        run = runs[name]["token_level"] if name in runs else alone
+        (memory, checkpoint), written = planned(proc), folder_bytes(run / "checkpoint") / 2**20
+        cases[name], disk[name] = (memory, peak_mb(run)), checkpoint / written - 1
     errors = {k: plan / peak - 1 for k, (plan, peak) in cases.items()}
     assert all(abs(e) <= 0.25 for e in errors.values()), (errors, cases)
-    print({k: f"{e:+.1%}" for k, e in errors.items()})
+    # the plan counts tensor bytes: never more than a checkpoint holds, and on these ~22K-
+    # parameter models per-file and per-tensor records (FSDP2's distributed checkpoint above
+    # all) add up to half of it; benchmarks/plan_memory.py measures the bundled pair
+    assert all(-0.6 <= e <= 0 for e in disk.values()), disk
+    print({k: f"{e:+.1%}" for k, e in errors.items()}, {k: f"{e:+.1%}" for k, e in disk.items()})
 
 
 def test_what_is_not_supported_yet_is_refused_naming_the_launch_that_works():

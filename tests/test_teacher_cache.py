@@ -236,6 +236,50 @@ def main_raise(argv):
     return run_cache(load_recipe(argv[1], argv[2:]))
 
 
+def test_a_disk_too_small_for_the_cache_is_refused_before_the_teacher_runs(
+    folder, tmp_path, monkeypatch
+):
+    import potstill.cache
+    from potstill.errors import OutOfDisk
+
+    monkeypatch.setattr(potstill.cache, "free_bytes", lambda path: 1000)
+    out = tmp_path / "c"
+    with pytest.raises(OutOfDisk, match=r"has 1.0 KiB free.*needs up to .* cache.top_k"):
+        main_raise(["cache", str(folder / "r.yaml"), f"teacher.cache={out}"])
+    assert not list(out.glob("*.safetensors"))
+
+
+def test_a_disk_full_while_caching_keeps_the_finished_shards_and_a_rerun_finishes(
+    folder, tmp_path, monkeypatch
+):
+    """The third shard's write runs out of disk (what safetensors raises, a partial file left):
+    one error naming the two shards kept, the partial one removed; the same command then
+    finishes a cache byte-identical to an uninterrupted one."""
+    from safetensors import SafetensorError
+
+    import potstill.teachers.writer as writer
+    from potstill.errors import OutOfDisk
+
+    real, saves = writer.save_file, [0]
+
+    def save_file(tensors, path):
+        saves[0] += 1
+        if saves[0] == 3:
+            Path(path).write_bytes(b"cut short")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(writer, "save_file", save_file)
+    argv = ["cache", str(folder / "r.yaml"), f"teacher.cache={tmp_path / 'c'}"]
+    with pytest.raises(OutOfDisk, match=r"ran out while writing .* its 2 finished shards are kept"):
+        main_raise(argv)
+    assert not list((tmp_path / "c").glob("*.tmp"))
+    monkeypatch.setattr(writer, "save_file", real)
+    main_raise(argv)
+    main_raise(["cache", str(folder / "r.yaml"), f"teacher.cache={tmp_path / 'whole'}"])
+    assert cache_bytes(tmp_path / "c") == cache_bytes(tmp_path / "whole")
+
+
 PRELUDE = """
 import os, sys, time
 import potstill.teachers.writer as writer

@@ -9,20 +9,23 @@ writes the rest; the finished cache equals an uninterrupted run's byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from potstill.errors import RecipeError
+from potstill.errors import OutOfDisk, RecipeError
 from potstill.models import check_vocab_compatible, load_config, load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import Recipe
 from potstill.teachers.cache import (
+    DTYPES,
     FORMAT,
     MANIFEST,
     VERSION,
@@ -31,8 +34,24 @@ from potstill.teachers.cache import (
     weights_fingerprint,
 )
 from potstill.teachers.server import served_teacher
-from potstill.teachers.writer import CaptureSettings, top_k_rows, write_manifest, write_split
-from potstill.utils import autocast_dtype, default_device_type, pad_token_id
+from potstill.teachers.writer import (
+    CaptureSettings,
+    finished_shards,
+    max_bytes_per_position,
+    token_id_dtype,
+    top_k_rows,
+    write_manifest,
+    write_split,
+)
+from potstill.utils import (
+    autocast_dtype,
+    default_device_type,
+    folder_bytes,
+    free_bytes,
+    human_bytes,
+    out_of_disk,
+    pad_token_id,
+)
 
 SETTINGS = "settings.json"  # what a partial cache was started with
 
@@ -107,15 +126,16 @@ def run_cache(r: Recipe) -> dict[str, Any]:
     splits: dict[str, Any] = {}
     # bytes per (id, log-probability) pair, and per position for its entry count (coverage rule)
     # and its tail draws and entropy; the shards' small headers and offsets come on top
-    id_bytes = 2 if vocab_size <= 1 << 16 else 4
-    value_bytes = torch.finfo(getattr(torch, settings.dtype)).bits // 8
-    entry_bytes = id_bytes + value_bytes
-    position_bytes = 0 if settings.coverage is None else 1 if settings.top_k < 256 else 2
-    if settings.tail_samples:
-        position_bytes += settings.tail_samples * id_bytes + value_bytes
+    most = max_bytes_per_position(settings, vocab_size)
+    entry_bytes = token_id_dtype(vocab_size).itemsize + DTYPES[settings.dtype].itemsize
+    position_bytes = most - settings.top_k * entry_bytes
     seen = {"positions": 0, "entries": 0}
     total = sum(sum(e.target_mask[1:]) for e in (*data.train, *data.eval))
-    with tqdm(total=total, unit="tok", desc=f"cache {out.name}", smoothing=0.1) as bar:
+    _check_disk(out, total * most + 8 * (len(data.train) + len(data.eval)), most)
+    with (
+        _said_when_out_of_disk(out),
+        tqdm(total=total, unit="tok", desc=f"cache {out.name}", smoothing=0.1) as bar,
+    ):
         for split, examples in (("train", data.train), ("eval", data.eval)):
 
             def on_batch(_examples: int, positions: int, entries: int, split: str = split):
@@ -179,6 +199,38 @@ def run_cache(r: Recipe) -> dict[str, Any]:
 def _autocast_name(precision: str) -> str | None:
     dtype = autocast_dtype(precision, default_device_type())
     return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _check_disk(out: Path, need: float, per_position: int) -> None:
+    """Refuse a cache whose disk cannot take what is left to write (``need`` at most, less what
+    a resumed cache already holds)."""
+    left, free = need - folder_bytes(out), free_bytes(out)
+    if free < left:
+        raise OutOfDisk(
+            f"teacher.cache {out}: its disk has {human_bytes(free)} free, and the cache needs up "
+            f"to {human_bytes(left)} more ({per_position} bytes per supervised position at most: "
+            "top-k ids and log-probabilities). Free space there, point teacher.cache at another "
+            "disk, or store less: a lower cache.top_k, or cache.coverage (fewer entries where the "
+            "teacher is sure)"
+        )
+
+
+@contextlib.contextmanager
+def _said_when_out_of_disk(out: Path) -> Iterator[None]:
+    """A full disk while writing: the partial shard removed, one line saying what is kept."""
+    try:
+        yield
+    except Exception as e:
+        if not out_of_disk(e, free_bytes(out)):
+            raise
+        for partial in out.glob("*.tmp"):
+            partial.unlink(missing_ok=True)
+        kept = sum(len(finished_shards(out, split)) for split in ("train", "eval"))
+        raise OutOfDisk(
+            f"the disk of {out} ran out while writing the teacher cache "
+            f"({human_bytes(free_bytes(out))} free now); its {kept} finished shards are kept: "
+            "free space and run the same command again to finish it"
+        ) from e
 
 
 def _claim(out: Path, started: dict[str, Any]) -> None:

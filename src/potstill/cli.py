@@ -466,12 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser(
         "plan",
-        help="estimate a recipe's memory per process, cache disk and time before running it",
+        help="estimate a recipe's memory per process, disk and time before running it",
         description=(
             "Estimate what the recipe's run needs per process (runtime, student weights, "
-            "gradients, AdamW states, teacher, activations, loss buffers), the teacher cache's "
-            "disk size and the run's time, from configs and a sample of the data (no weights "
-            "load); with --gpu-memory, say whether it fits and which knob to turn if not."
+            "gradients, AdamW states, teacher, activations, loss buffers), the disk its "
+            "checkpoints and teacher cache take and the run's time, from configs and a sample of "
+            "the data (no weights load); with --gpu-memory, say whether it fits and which knob "
+            "to turn if not."
         ),
     )
     _add_recipe_args(p)

@@ -39,6 +39,11 @@ class VerifyError(ValueError):
     """Verification cannot run as asked (unknown mode, missing package); the message says why."""
 
 
+class OutOfDisk(RuntimeError):
+    """The disk cannot hold what a run writes, or ran out while it wrote; the message says how
+    much it needs, what was kept, and what to do."""
+
+
 USER_ERRORS = (
     RecipeError,
     DataError,
@@ -48,4 +53,5 @@ USER_ERRORS = (
     RunStopped,
     GenerationError,
     VerifyError,
+    OutOfDisk,
 )

@@ -1,5 +1,5 @@
-"""``potstill plan``: what a recipe's run needs before it starts — memory per process, cache disk,
-time — and which knob to turn when it does not fit.
+"""``potstill plan``: what a recipe's run needs before it starts — memory per process, disk for
+its checkpoints and teacher cache, time — and which knob to turn when it does not fit.
 
 Everything is computed from configs (models built on the ``meta`` device: no weights are read),
 a sample of the training data, and the recipe. Memory per process, in bytes:
@@ -24,6 +24,12 @@ a sample of the training data, and the recipe. Memory per process, in bytes:
 
 Time is FLOPs over a FLOP rate: ``6·N_student + 2·N_teacher`` per token (parameters that multiply,
 the head included) at the rate of fp32 matmuls measured here, or ``--tflops`` stated per device.
+
+Disk: a checkpoint holds the student's fp32 weights and AdamW's two moments per trained parameter
+(DeepSpeed: its fp32 copy and moments instead, 12 bytes per trained parameter, and under ZeRO-3
+no other copy of the weights; FSDP2's distributed checkpoint stores tied embeddings twice), and a
+run's folder holds two while a new one replaces the last (:func:`potstill.train.checkpoint_bytes`, the
+figure ``potstill train`` checks the free space against before its first step).
 """
 
 from __future__ import annotations
@@ -38,7 +44,12 @@ from torch import nn
 from potstill.errors import RecipeError
 from potstill.models import count_parameters
 from potstill.recipe import Recipe
-from potstill.utils import autocast_dtype, default_device_type, process_status_bytes
+from potstill.utils import (
+    autocast_dtype,
+    default_device_type,
+    human_bytes,
+    process_status_bytes,
+)
 
 GiB = 2**30
 PHASES = ("held", "train", "eval", "load")
@@ -71,6 +82,7 @@ class Plan:
     flop_rate: float = 0.0  # per process, FLOP/s
     rate_source: str = ""
     cache_bytes: float | None = None
+    checkpoint_bytes: float = 0.0  # one checkpoint of the run (all processes' parts)
     knobs: list[str] = field(default_factory=list)
 
     @property
@@ -102,14 +114,14 @@ class Plan:
         for line in self.lines:
             when = {"train": " (a step)", "eval": " (held-out)", "load": " (at start)"}
             when = when.get(line.phase, "")
-            out.append(f"  {line.name + when:<24} {_size(line.bytes):>10}  {line.note}")
+            out.append(f"  {line.name + when:<24} {human_bytes(line.bytes):>10}  {line.note}")
         out.append(
-            f"  {'total':<24} {_size(self.total):>10}  peak: held all run + the larger of a step "
-            "and a held-out batch, or loading"
+            f"  {'total':<24} {human_bytes(self.total):>10}  peak: held all run + the larger of "
+            "a step and a held-out batch, or loading"
         )
         if self.capacity is not None:
             verdict = "fits" if self.fits else "does NOT fit"
-            out.append(f"  {verdict} in {_size(self.capacity)} per process")
+            out.append(f"  {verdict} in {human_bytes(self.capacity)} per process")
         out.append("")
         out.append(
             f"models: student {self.student_params / 1e6:.1f}M parameters, teacher "
@@ -119,17 +131,18 @@ class Plan:
             f"time: {self.tokens:,} tokens, {self.flops / 1e12:.2f} TFLOP ≈ {_duration(self.seconds)}"
             f" at {self.flop_rate / 1e9:.1f} GFLOP/s per {self.device.upper()} ({self.rate_source})"
         )
+        out.append(
+            f"run folder: ≈ {human_bytes(2 * self.checkpoint_bytes)} on disk at most (a "
+            f"checkpoint of ≈ {human_bytes(self.checkpoint_bytes)} is written whole beside the "
+            "last before it replaces it)"
+        )
         if self.cache_bytes is not None:
-            out.append(f"teacher cache: ≈ {_size(self.cache_bytes)} on disk")
+            out.append(f"teacher cache: ≈ {human_bytes(self.cache_bytes)} on disk")
         if self.knobs:
             out.append("")
             out.append("to fit, in order of what they save here:")
             out.extend(f"  - {k}" for k in self.knobs)
         return "\n".join(out)
-
-
-def _size(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def _duration(s: float) -> str:
@@ -223,21 +236,6 @@ def _data_shape(r: Recipe, tokenizer: Any, sample: int = 256) -> DataShape:
     )
 
 
-def cache_bytes_per_position(r: Recipe, vocab: int) -> float:
-    """At most what a teacher cache stores per supervised position: ``top_k`` ids and
-    log-probabilities, an entry count under a coverage rule, tail draws and their entropy."""
-    from potstill.teachers.cache import DTYPES
-    from potstill.teachers.writer import token_id_dtype
-
-    ids, value = token_id_dtype(vocab).itemsize, DTYPES[r.cache.dtype].itemsize
-    c = r.cache
-    return (
-        c.top_k * (ids + value)
-        + (1 if c.coverage is not None else 0)
-        + (c.tail_samples * ids + value if c.tail_samples else 0)
-    )
-
-
 # ----------------------------------------------------------------------------- rates
 
 
@@ -288,7 +286,7 @@ def make_plan(
     from potstill.losses.fused import auto_chunk_size
     from potstill.methods.registry import method_info
     from potstill.models import load_tokenizer
-    from potstill.train import steps_for
+    from potstill.train import checkpoint_bytes, steps_for
 
     if engine not in ENGINES:
         raise RecipeError(f"--engine {engine!r}: one of {', '.join(ENGINES)}")
@@ -349,7 +347,7 @@ def make_plan(
             "student weights",
             plan.student_params * f32 * share + gathered + copy,
             f"{plan.student_params / 1e6:.1f}M fp32"
-            + (f", 1/{n} each + {_size(gathered)} gathered" if sharded else "")
+            + (f", 1/{n} each + {human_bytes(gathered)} gathered" if sharded else "")
             + (f" + DeepSpeed's 1/{n} fp32 copy" if copy else ""),
         )
     )
@@ -432,8 +430,21 @@ def make_plan(
     else:
         plan.flop_rate = measured_flop_rate()
         plan.rate_source = "fp32 matmuls measured here; real steps reach less"
+    adapters = trained if r.student.lora.r else 0  # beside the base weights
+    tied = student.config.tie_word_embeddings
+    twice = vocab * hidden if tied and engine == "fsdp2" and n > 1 else 0  # FSDP2 saves it twice
+    plan.checkpoint_bytes = checkpoint_bytes(
+        (plan.student_params + adapters + twice) * f32,
+        trained * f32,
+        trained,
+        zero={"zero2": 2, "zero3": 3}.get(engine) if n > 1 else None,
+    )
     if r.teacher.source == "cache" or r.teacher.cache:  # the training split, scored once
-        plan.cache_bytes = data.records * data.supervised * cache_bytes_per_position(r, vocab)
+        from potstill.teachers.writer import CaptureSettings, max_bytes_per_position
+
+        c = r.cache
+        stored = CaptureSettings(c.top_k, c.dtype, c.coverage, c.tail_samples)
+        plan.cache_bytes = data.records * data.supervised * max_bytes_per_position(stored, vocab)
 
     # --- knobs, largest saving first
     if plan.fits is False:

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from potstill import distributed, students
 from potstill.data import Example, collate
-from potstill.errors import USER_ERRORS, NonFiniteLoss, RecipeError, RunStopped
+from potstill.errors import USER_ERRORS, NonFiniteLoss, OutOfDisk, RecipeError, RunStopped
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.lm import padding_free, unwrap
 from potstill.losses import normalise, step_normalizer
@@ -53,7 +53,11 @@ from potstill.recipe import Recipe, StudentSpec, value_at
 from potstill.utils import (
     atomic_write,
     autocast_dtype,
+    folder_bytes,
+    free_bytes,
+    human_bytes,
     keep_freed_memory,
+    out_of_disk,
     pad_token_id,
     peak_memory_bytes,
     precision_note,
@@ -230,15 +234,92 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: dict[str, Any]) 
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
-    if accelerator.is_main_process:
-        (tmp / "state.json").write_text(
-            json.dumps(state, indent=2)
-        )  # written last: marks it complete
-        _swap_in(tmp, final)
+    with said_when_out_of_disk(tmp, out, f"the checkpoint of step {state['step']}"):
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
+        if accelerator.is_main_process:
+            (tmp / "state.json").write_text(
+                json.dumps(state, indent=2)
+            )  # written last: marks it complete
+            _swap_in(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+# ----------------------------------------------------------------------------- disk
+
+
+def checkpoint_bytes(
+    state_bytes: float, trained_bytes: float, trained_params: float, *, zero: int | None = None
+) -> float:
+    """About what one checkpoint takes on disk (all processes' parts): the model's state as
+    stored (``state_bytes``) and AdamW's two moments of each trained parameter, in its dtype
+    (``trained_bytes``). DeepSpeed (ZeRO ``zero``) keeps its optimizer's fp32 copy of the
+    trained weights with fp32 moments instead (12 bytes per trained parameter), and under ZeRO-3
+    that copy is all it keeps of the weights. Scheduler and RNG states are a few KiB."""
+    if zero is None:
+        return state_bytes + 2 * trained_bytes
+    return (0 if zero == 3 else state_bytes) + 12 * trained_params
+
+
+def state_sizes(model: nn.Module, *, tied_once: bool = True) -> tuple[int, int, int]:
+    """(bytes of ``model``'s state dict — tied weights once where ``tied_once``, as safetensors
+    and DeepSpeed save them, but twice in FSDP2's distributed checkpoint; bytes and count of its
+    trained parameters)."""
+    seen: dict[Any, int] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.numel()) if tied_once else name
+        seen[key] = tensor.numel() * tensor.element_size()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return (
+        sum(seen.values()),
+        sum(p.numel() * p.element_size() for p in trained),
+        sum(p.numel() for p in trained),
+    )
+
+
+def check_disk(out: Path, checkpoint: float, model: float, *, replaced: bool) -> None:
+    """Refuse a run whose folder's disk cannot take what it writes: a checkpoint that replaces
+    another is written whole beside it first, so two at a time where one is ``replaced`` (less
+    the one already there when resuming); else one, and the final model beside it."""
+    there = folder_bytes(out / "checkpoint")
+    need = (2 * checkpoint if replaced or there else checkpoint + model) - there
+    free = free_bytes(out)
+    if free < need:
+        raise OutOfDisk(
+            f"train.output_dir {out}: its disk has {human_bytes(free)} free, and this run needs "
+            f"about {human_bytes(need)} more (a checkpoint is {human_bytes(checkpoint)}: the "
+            "weights and the optimizer's two moments per trained parameter; a new one is "
+            "written beside the last before it replaces it). Free space there, or point "
+            "train.output_dir at another disk"
+        )
+
+
+@contextlib.contextmanager
+def said_when_out_of_disk(tmp: Path | None, out: Path, what: str) -> Iterator[None]:
+    """Around a write of the run in ``out`` (into ``tmp``, swapped in once whole, where there is
+    one): when the disk runs out, remove the partial ``tmp`` and raise :class:`OutOfDisk` naming
+    the checkpoint that is left untouched."""
+    try:
+        yield
+    except Exception as e:
+        if not out_of_disk(e, free_bytes(out)):
+            raise
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = find_checkpoint(out)
+        step = json.loads((kept / "state.json").read_text())["step"] if kept else None
+        raise OutOfDisk(
+            f"the disk of {out} ran out while writing {what} ({human_bytes(free_bytes(out))}"
+            " free now); "
+            + (
+                f"the checkpoint of step {step} ({kept}) is untouched: free space and run the "
+                "same command again to resume from it"
+                if kept
+                else "no checkpoint was written yet: free space (or point train.output_dir at "
+                "another disk) and run again"
+            )
+        ) from e
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -264,16 +345,17 @@ def save_model(
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        students.save(
-            unwrap(model),
-            str(tmp),
-            lora_save=student.lora.save,
-            base=student.model,
-            state_dict=gathered,
-        )
-        tokenizer.save_pretrained(tmp)
-        _swap_in(tmp, path)
+        with said_when_out_of_disk(tmp, path.parent, f"the model ({path})"):
+            tmp.mkdir(parents=True)
+            students.save(
+                unwrap(model),
+                str(tmp),
+                lora_save=student.lora.save,
+                base=student.model,
+                state_dict=gathered,
+            )
+            tokenizer.save_pretrained(tmp)
+            _swap_in(tmp, path)
     accelerator.wait_for_everyone()
     return path
 
@@ -319,6 +401,7 @@ class MetricsLog:
     """metrics.jsonl (append, flushed per row) + TensorBoard, main process only."""
 
     def __init__(self, out: Path, enabled: bool, resume_step: int = 0):
+        self.out = out
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
         self.writer = None
@@ -345,18 +428,21 @@ class MetricsLog:
         self.rows.append(row)
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, int | float):
-                    self.writer.add_scalar(key, value, row["step"])
+        with said_when_out_of_disk(None, self.out, "metrics.jsonl"):
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            if self.writer is not None:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, int | float):
+                        self.writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
+            with contextlib.suppress(OSError):  # a full disk already said so; close regardless
+                self.file.close()
             if self.writer is not None:
-                self.writer.close()
+                with contextlib.suppress(OSError):
+                    self.writer.close()
         self.enabled = False  # closed once; later rows are kept in memory only
 
 
@@ -486,6 +572,16 @@ def train(
     # the one model the engine wraps: the student, with the method's modules where it has some
     model = WithModules(student, named_extras) if named_extras else student
     total_steps = plan_steps(recipe, train_examples, accelerator.num_processes)
+    zero = distributed.deepspeed_stage(accelerator)
+    fsdp = distributed.is_sharded(accelerator) and zero is None
+    # whole, before any sharding
+    state_bytes, trained_bytes, trained_params = state_sizes(model, tied_once=not fsdp)
+    check_disk(
+        out,
+        checkpoint_bytes(state_bytes, trained_bytes, trained_params, zero=zero),
+        state_bytes,
+        replaced=0 < t.save_every < total_steps,
+    )
     optimizer = torch.optim.AdamW(
         param_groups([model], t.weight_decay),
         lr=t.lr,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -28,6 +30,40 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --- disk
+
+NEARLY_FULL = 64 * 2**20  # free bytes under which a failed write is taken as a full disk
+
+
+def human_bytes(n: float) -> str:
+    """``1.25 GiB`` from a tenth of a GiB up, ``12.5 MiB`` from one MiB, else ``250.0 KiB``."""
+    if n >= 2**30 / 10:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def folder_bytes(path: Path) -> int:
+    """The bytes of every file under ``path`` (0 where it is no folder)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk of ``path``, or of its nearest existing parent."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def out_of_disk(error: BaseException, free: int) -> bool:
+    """Whether a write that raised ``error`` ran out of disk (``free`` bytes left at that
+    moment): an OSError with ENOSPC, safetensors' error that names it, or — torch.save says only
+    "unexpected pos …" — a disk left with less than :data:`NEARLY_FULL`."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return "No space left" in str(error) or free < NEARLY_FULL
 
 
 def autocast_dtype(precision: str, device_type: str | None = None) -> torch.dtype | None:

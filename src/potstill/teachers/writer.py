@@ -113,6 +113,16 @@ def token_id_dtype(vocab_size: int | None) -> torch.dtype:
     return torch.uint16 if vocab_size is not None and vocab_size <= 1 << 16 else torch.int32
 
 
+def max_bytes_per_position(settings: CaptureSettings, vocab_size: int | None) -> int:
+    """At most what a shard stores per supervised position: ``top_k`` ids and log-probabilities
+    (fewer under a coverage rule, which adds each position's entry count), and the tail's draws
+    and entropy. A shard adds its header and 8 bytes per example on top."""
+    ids, value = token_id_dtype(vocab_size).itemsize, DTYPES[settings.dtype].itemsize
+    count = 0 if settings.coverage is None else 1 if settings.top_k < 1 << 8 else 2
+    tail = settings.tail_samples * ids + value if settings.tail_samples else 0
+    return settings.top_k * (ids + value) + count + tail
+
+
 def write_split(
     score: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]],
     examples: Sequence[Example],
