@@ -16,3 +16,18 @@ def write_sums(root: Path) -> tuple[Path, Path]:
     train.write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
     held.write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
     return train, held
+
+
+def sft_recipe(root: Path, model, tokenizer, train: str) -> Path:
+    """``root/sft.yaml``: SFT of ``model`` (saved with ``tokenizer`` to ``root/model``) on the sums,
+    with ``train`` the recipe's train section as YAML flow pairs (precision fp32 added)."""
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_sums(root)
+    recipe = root / "sft.yaml"
+    recipe.write_text(
+        f"method: sft\nstudent: {{model: {root / 'model'}, init: pretrained}}\n"
+        f"data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}}}\n"
+        f"train: {{{train}, precision: fp32}}\n"
+    )
+    return recipe

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _sums import write_sums
+from _sums import sft_recipe
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -69,17 +69,11 @@ def setup(tmp_path_factory, tiny_chat_lm):
         tie_word_embeddings=True,
     )  # fmt: skip
     student = LlamaForCausalLM(config)
-    student.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_sums(root)
-    recipe = root / "sft.yaml"
-    recipe.write_text(
-        f"method: sft\nstudent: {{model: {root / 'model'}, init: pretrained}}\n"
-        f"data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}}}\n"
-        f"train: {{max_steps: {STEPS}, batch_size: 2, lr: 0.01, warmup_steps: 1, "
-        f"save_every: {SAVE_EVERY}, log_every: 1, precision: fp32}}\n"
+    train = (
+        f"max_steps: {STEPS}, batch_size: 2, lr: 0.01, warmup_steps: 1, "
+        f"save_every: {SAVE_EVERY}, log_every: 1"
     )
-    return recipe, student
+    return sft_recipe(root, student, tokenizer, train), student
 
 
 def test_the_checkpoint_estimate_is_what_a_run_writes(setup, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _signals import loss_marker_prelude
-from _sums import write_sums
+from _sums import sft_recipe
 from safetensors.torch import load_file
 
 from potstill.prepare import load_models
@@ -34,18 +34,11 @@ PRELUDE = loss_marker_prelude("potstill.methods.sft", "SFT")  # tests/_signals.p
 def tiny_run(tmp_path_factory, tiny_chat_lm):
     """(recipe path, overrides builder): an SFT recipe over a tiny saved Llama and 40 records."""
     root = tmp_path_factory.mktemp("resume")
-    model, tokenizer = tiny_chat_lm
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_sums(root)
-    recipe = root / "sft.yaml"
-    recipe.write_text(
-        f"method: sft\nstudent: {{model: {root / 'model'}, init: pretrained}}\n"
-        f"data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}}}\n"
-        f"train: {{max_steps: {STEPS}, batch_size: 2, grad_accum: {GRAD_ACCUM}, lr: 0.01, "
-        f"warmup_steps: 2, save_every: {SAVE_EVERY}, log_every: 1, precision: fp32}}\n"
+    train = (
+        f"max_steps: {STEPS}, batch_size: 2, grad_accum: {GRAD_ACCUM}, lr: 0.01, warmup_steps: 2, "
+        f"save_every: {SAVE_EVERY}, log_every: 1"
     )
-    return recipe
+    return sft_recipe(root, *tiny_chat_lm, train)
 
 
 def start(
