@@ -28,8 +28,8 @@ the head included) at the rate of fp32 matmuls measured here, or ``--tflops`` st
 Disk: a checkpoint holds the student's fp32 weights and AdamW's two moments per trained parameter
 (DeepSpeed: its fp32 copy and moments instead, 12 bytes per trained parameter, and under ZeRO-3
 no other copy of the weights; FSDP2's distributed checkpoint stores tied embeddings twice), and a
-run's folder holds two while a new one replaces the last (:func:`potstill.train.checkpoint_bytes`, the
-figure ``potstill train`` checks the free space against before its first step).
+run's folder holds two while a new one replaces the last (:func:`potstill.train.checkpoint_bytes`,
+the figure ``potstill train`` checks the free space against before its first step).
 """
 
 from __future__ import annotations
