@@ -160,3 +160,34 @@ def test_a_small_disk_is_refused_and_a_full_one_stops_with_the_last_checkpoint(s
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs `unshare -m` and mount (root)")
+def test_an_export_that_fills_the_disk_leaves_no_partial_file(tmp_path, smollm2_tokenizer):
+    from potstill import students
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    folder = tmp_path / "student"
+    students.save(LlamaForCausalLM(config), str(folder))  # a ~6.5 MiB f16 GGUF with its vocabulary
+    smollm2_tokenizer.save_pretrained(folder)
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir(), logs.mkdir()
+    export = f"{shlex.quote(sys.executable)} -m potstill.cli export {folder} --gguf {disk}/s.gguf"
+    script = f"""
+    mount -t tmpfs -o size=2m tmpfs {disk}
+    {export} > {logs}/out 2> {logs}/err; echo $? > {logs}/rc; ls -A {disk} > {logs}/ls
+    """
+    assert (
+        subprocess.run(["unshare", "-m", "sh", "-c", script], env=env(), timeout=300).returncode
+        == 0
+    )
+    said = {p.name: p.read_text() for p in logs.iterdir()}
+    assert said["rc"].strip() == "2", said["err"][-2000:]
+    error = said["err"].strip().splitlines()[-1]  # on a line of its own, after the closed bar
+    assert error.startswith("potstill export: error: ") and "ran out while writing s.gguf" in error
+    assert said["ls"].split() == []  # neither s.gguf nor s.gguf.tmp

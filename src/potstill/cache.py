@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +48,8 @@ from potstill.utils import (
     folder_bytes,
     free_bytes,
     human_bytes,
-    out_of_disk,
     pad_token_id,
+    when_disk_fills,
 )
 
 SETTINGS = "settings.json"  # what a partial cache was started with
@@ -215,22 +214,22 @@ def _check_disk(out: Path, need: float, per_position: int) -> None:
         )
 
 
-@contextlib.contextmanager
-def _said_when_out_of_disk(out: Path) -> Iterator[None]:
+def _said_when_out_of_disk(out: Path) -> contextlib.AbstractContextManager:
     """A full disk while writing: the partial shard removed, one line saying what is kept."""
-    try:
-        yield
-    except Exception as e:
-        if not out_of_disk(e, free_bytes(out)):
-            raise
+
+    def cleanup() -> None:
         for partial in out.glob("*.tmp"):
             partial.unlink(missing_ok=True)
+
+    def says() -> str:
         kept = sum(len(finished_shards(out, split)) for split in ("train", "eval"))
-        raise OutOfDisk(
+        return (
             f"the disk of {out} ran out while writing the teacher cache "
             f"({human_bytes(free_bytes(out))} free now); its {kept} finished shards are kept: "
             "free space and run the same command again to finish it"
-        ) from e
+        )
+
+    return when_disk_fills(out, cleanup, says)
 
 
 def _claim(out: Path, started: dict[str, Any]) -> None:

@@ -526,6 +526,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _close_progress_bars() -> None:
+    """Close the bars a failure left open (e.g. a library's, mid-write), so that the error
+    starts a line of its own instead of running on after a bar's last frame."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from potstill.errors import USER_ERRORS
@@ -537,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except USER_ERRORS as e:  # expected, actionable failures: one line, no traceback
         message = " ".join(str(e).split())  # one line, whatever a library's text held
+        _close_progress_bars()
         print(f"potstill {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ checkpoints rotate halves); a reordering of whole rows leaves every 32-weight bl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 
 from potstill.errors import ModelLoadError, RecipeError
 from potstill.students import tensor_format, weight_roles
+from potstill.utils import free_bytes, human_bytes, when_disk_fills
 
 TYPES = ("f16", "q8_0", "q4_0")
 # model_type -> (GGUF architecture name, whether query/key rows need llama.cpp's rotary order)
@@ -187,6 +189,19 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str | None = None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, arch)
+
+    def cleanup() -> None:
+        with contextlib.suppress(Exception):
+            writer.close()
+        tmp.unlink(missing_ok=True)
+
+    def says() -> str:
+        return (
+            f"the disk of {out.parent} ran out while writing {out.name} "
+            f"({human_bytes(free_bytes(out.parent))} free now, the partial file removed); free "
+            "space, or write it to another disk (--gguf), or a smaller type (--type q8_0 / q4_0)"
+        )
+
     _add_architecture(writer, config, model_dir.resolve().name, ftype)
     _add_tokenizer(writer, tokenizer, config.vocab_size, config.model_type)
     kinds = {}
@@ -209,11 +224,12 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str | None = None)
         else:
             writer.add_tensor(name, data.astype(np.float16))
         kinds[name] = (fmt or ("f32" if data.ndim == 1 else "f16")).upper()
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=True)
-    writer.close()
-    tmp.replace(out)
+    with when_disk_fills(out.parent, cleanup, says):  # the tensors are written here, not before
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=True)
+        writer.close()
+        tmp.replace(out)
     return Exported(out, type, arch, kinds, out.stat().st_size)
 
 

@@ -57,11 +57,11 @@ from potstill.utils import (
     free_bytes,
     human_bytes,
     keep_freed_memory,
-    out_of_disk,
     pad_token_id,
     peak_memory_bytes,
     precision_note,
     return_freed_memory,
+    when_disk_fills,
 )
 
 
@@ -295,31 +295,29 @@ def check_disk(out: Path, checkpoint: float, model: float, *, replaced: bool) ->
         )
 
 
-@contextlib.contextmanager
-def said_when_out_of_disk(tmp: Path | None, out: Path, what: str) -> Iterator[None]:
+def said_when_out_of_disk(
+    tmp: Path | None, out: Path, what: str
+) -> contextlib.AbstractContextManager:
     """Around a write of the run in ``out`` (into ``tmp``, swapped in once whole, where there is
-    one): when the disk runs out, remove the partial ``tmp`` and raise :class:`OutOfDisk` naming
-    the checkpoint that is left untouched."""
-    try:
-        yield
-    except Exception as e:
-        if not out_of_disk(e, free_bytes(out)):
-            raise
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    one): when the disk runs out, remove the partial ``tmp`` and raise OutOfDisk naming the
+    checkpoint that is left untouched."""
+
+    def says() -> str:
         kept = find_checkpoint(out)
-        step = json.loads((kept / "state.json").read_text())["step"] if kept else None
-        raise OutOfDisk(
-            f"the disk of {out} ran out while writing {what} ({human_bytes(free_bytes(out))}"
-            " free now); "
-            + (
-                f"the checkpoint of step {step} ({kept}) is untouched: free space and run the "
-                "same command again to resume from it"
-                if kept
-                else "no checkpoint was written yet: free space (or point train.output_dir at "
-                "another disk) and run again"
+        free = f"the disk of {out} ran out while writing {what} ({human_bytes(free_bytes(out))} "
+        if kept is None:
+            return (
+                f"{free}free now); no checkpoint was written yet: free space (or point "
+                "train.output_dir at another disk) and run again"
             )
-        ) from e
+        step = json.loads((kept / "state.json").read_text())["step"]
+        return (
+            f"{free}free now); the checkpoint of step {step} ({kept}) is untouched: free space "
+            "and run the same command again to resume from it"
+        )
+
+    cleanup = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if tmp else (lambda: None)
+    return when_disk_fills(out, cleanup, says)
 
 
 def find_checkpoint(out: Path) -> Path | None:

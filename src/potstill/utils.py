@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -10,10 +11,13 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from potstill.errors import USER_ERRORS, OutOfDisk
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
@@ -55,6 +59,24 @@ def free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+@contextlib.contextmanager
+def when_disk_fills(
+    where: Path, cleanup: Callable[[], object], says: Callable[[], str]
+) -> Iterator[None]:
+    """Around a write under ``where``: when the disk runs out (:func:`out_of_disk`), ``cleanup()``
+    the partial write, then raise :class:`~potstill.errors.OutOfDisk` with ``says()`` (called
+    after the cleanup, so it can name what is left and what is free)."""
+    try:
+        yield
+    except USER_ERRORS:  # potstill's own, already saying what to do
+        raise
+    except Exception as e:
+        if not out_of_disk(e, free_bytes(where)):
+            raise
+        cleanup()
+        raise OutOfDisk(says()) from e
 
 
 def out_of_disk(error: BaseException, free: int) -> bool:
