@@ -2,7 +2,7 @@
 up in the middle of a run: a one-line error, the partial checkpoint removed, the last one left
 untouched, and the same command, once space is freed, resumes to the weights of an uninterrupted
 run. The real thing: `potstill train` on a tmpfs of a chosen size, mounted in a private mount
-namespace (`unshare -m`, needs root; skipped where it cannot)."""
+namespace (tests/_tmpfs.py; skipped where mounting is not allowed)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from _sums import sft_recipe
+from _tmpfs import can_mount, in_private_mounts
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,15 +46,6 @@ SFT.loss = loss
 from potstill.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def can_mount() -> bool:
-    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"
-    try:
-        done = subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True, timeout=30)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +125,7 @@ def test_a_small_disk_is_refused_and_a_full_one_stops_with_the_last_checkpoint(s
     {train} train.output_dir={big}/run > {logs}/again.out 2> {logs}/again.err
     echo $? > {logs}/again.rc; cp -r {big}/run/model {copy}
     """
-    done = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env(), timeout=600)
-    assert done.returncode == 0
+    in_private_mounts(script, env())
     said = {p.name: p.read_text() for p in logs.iterdir()}
 
     assert said["small.rc"].strip() == "2", said["small.err"][-2000:]
@@ -160,34 +151,3 @@ def test_a_small_disk_is_refused_and_a_full_one_stops_with_the_last_checkpoint(s
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.mark.skipif(not can_mount(), reason="needs `unshare -m` and mount (root)")
-def test_an_export_that_fills_the_disk_leaves_no_partial_file(tmp_path, smollm2_tokenizer):
-    from potstill import students
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    folder = tmp_path / "student"
-    students.save(LlamaForCausalLM(config), str(folder))  # a ~6.5 MiB f16 GGUF with its vocabulary
-    smollm2_tokenizer.save_pretrained(folder)
-    disk, logs = tmp_path / "disk", tmp_path / "logs"
-    disk.mkdir(), logs.mkdir()
-    export = f"{shlex.quote(sys.executable)} -m potstill.cli export {folder} --gguf {disk}/s.gguf"
-    script = f"""
-    mount -t tmpfs -o size=2m tmpfs {disk}
-    {export} > {logs}/out 2> {logs}/err; echo $? > {logs}/rc; ls -A {disk} > {logs}/ls
-    """
-    assert (
-        subprocess.run(["unshare", "-m", "sh", "-c", script], env=env(), timeout=300).returncode
-        == 0
-    )
-    said = {p.name: p.read_text() for p in logs.iterdir()}
-    assert said["rc"].strip() == "2", said["err"][-2000:]
-    error = said["err"].strip().splitlines()[-1]  # on a line of its own, after the closed bar
-    assert error.startswith("potstill export: error: ") and "ran out while writing s.gguf" in error
-    assert said["ls"].split() == []  # neither s.gguf nor s.gguf.tmp

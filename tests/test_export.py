@@ -4,9 +4,14 @@ llama.cpp (when the optional llama-cpp-python is installed)."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import shlex
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from _tmpfs import can_mount, in_private_mounts
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from potstill import students
@@ -179,3 +184,23 @@ def test_the_qat_recipe_on_the_bundled_pair_exports_what_it_trained(tmp_path, sm
         theirs = llamacpp_logprobs(out / "s.gguf", IDS[0], n_threads=2)
         ours = torch.log_softmax(logits(saved).double(), -1).numpy()
         assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs `unshare -m` and mount (root)")
+def test_an_export_that_fills_the_disk_leaves_no_partial_file(tmp_path, smollm2_tokenizer):
+    """A ~6.5 MiB f16 GGUF (SmolLM2's vocabulary) onto a 2 MiB tmpfs: exit 2, one line after the
+    write's progress bar, neither the file nor its partial .tmp left."""
+    folder = save_student(tmp_path / "student", smollm2_tokenizer, llama(len(smollm2_tokenizer)))
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir(), logs.mkdir()
+    export = f"{shlex.quote(sys.executable)} -m potstill.cli export {folder} --gguf {disk}/s.gguf"
+    in_private_mounts(
+        f"mount -t tmpfs -o size=2m tmpfs {disk}\n"
+        f"{export} > {logs}/out 2> {logs}/err; echo $? > {logs}/rc; ls -A {disk} > {logs}/ls\n",
+        {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    said = {p.name: p.read_text() for p in logs.iterdir()}
+    assert said["rc"].strip() == "2", said["err"][-2000:]
+    error = said["err"].strip().splitlines()[-1]  # on a line of its own, after the closed bar
+    assert error.startswith("potstill export: error: ") and "ran out while writing s.gguf" in error
+    assert said["ls"].split() == []  # neither s.gguf nor s.gguf.tmp
