@@ -239,10 +239,10 @@ def main_raise(argv):
 def test_a_disk_too_small_for_the_cache_is_refused_before_the_teacher_runs(
     folder, tmp_path, monkeypatch
 ):
-    import potstill.cache
+    import potstill.utils
     from potstill.errors import OutOfDisk
 
-    monkeypatch.setattr(potstill.cache, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(potstill.utils, "free_bytes", lambda path: 1000)  # what require_free reads
     out = tmp_path / "c"
     with pytest.raises(OutOfDisk, match=r"has 1.0 KiB free.*needs up to .* cache.top_k"):
         main_raise(["cache", str(folder / "r.yaml"), f"teacher.cache={out}"])

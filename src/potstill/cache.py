@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from potstill.errors import OutOfDisk, RecipeError
+from potstill.errors import RecipeError
 from potstill.models import check_vocab_compatible, load_config, load_model, load_tokenizer
 from potstill.prepare import load_data
 from potstill.recipe import Recipe
@@ -49,6 +49,7 @@ from potstill.utils import (
     free_bytes,
     human_bytes,
     pad_token_id,
+    require_free,
     when_disk_fills,
 )
 
@@ -203,15 +204,18 @@ def _autocast_name(precision: str) -> str | None:
 def _check_disk(out: Path, need: float, per_position: int) -> None:
     """Refuse a cache whose disk cannot take what is left to write (``need`` at most, less what
     a resumed cache already holds)."""
-    left, free = need - folder_bytes(out), free_bytes(out)
-    if free < left:
-        raise OutOfDisk(
+    left = need - folder_bytes(out)
+    require_free(
+        out,
+        left,
+        lambda free: (
             f"teacher.cache {out}: its disk has {human_bytes(free)} free, and the cache needs up "
             f"to {human_bytes(left)} more ({per_position} bytes per supervised position at most: "
             "top-k ids and log-probabilities). Free space there, point teacher.cache at another "
             "disk, or store less: a lower cache.top_k, or cache.coverage (fewer entries where the "
             "teacher is sure)"
-        )
+        ),
+    )
 
 
 def _said_when_out_of_disk(out: Path) -> contextlib.AbstractContextManager:

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from potstill import distributed, students
 from potstill.data import Example, collate
-from potstill.errors import USER_ERRORS, NonFiniteLoss, OutOfDisk, RecipeError, RunStopped
+from potstill.errors import USER_ERRORS, NonFiniteLoss, RecipeError, RunStopped
 from potstill.evaluate import evaluate, token_byte_lengths
 from potstill.lm import padding_free, unwrap
 from potstill.losses import normalise, step_normalizer
@@ -60,6 +60,7 @@ from potstill.utils import (
     pad_token_id,
     peak_memory_bytes,
     precision_note,
+    require_free,
     return_freed_memory,
     when_disk_fills,
 )
@@ -284,15 +285,17 @@ def check_disk(out: Path, checkpoint: float, model: float, *, replaced: bool) ->
     the one already there when resuming); else one, and the final model beside it."""
     there = folder_bytes(out / "checkpoint")
     need = (2 * checkpoint if replaced or there else checkpoint + model) - there
-    free = free_bytes(out)
-    if free < need:
-        raise OutOfDisk(
+    require_free(
+        out,
+        need,
+        lambda free: (
             f"train.output_dir {out}: its disk has {human_bytes(free)} free, and this run needs "
             f"about {human_bytes(need)} more (a checkpoint is {human_bytes(checkpoint)}: the "
             "weights and the optimizer's two moments per trained parameter; a new one is "
             "written beside the last before it replaces it). Free space there, or point "
             "train.output_dir at another disk"
-        )
+        ),
+    )
 
 
 def said_when_out_of_disk(
@@ -304,15 +307,18 @@ def said_when_out_of_disk(
 
     def says() -> str:
         kept = find_checkpoint(out)
-        free = f"the disk of {out} ran out while writing {what} ({human_bytes(free_bytes(out))} "
+        ran_out = (
+            f"the disk of {out} ran out while writing {what} "
+            f"({human_bytes(free_bytes(out))} free now)"
+        )
         if kept is None:
             return (
-                f"{free}free now); no checkpoint was written yet: free space (or point "
+                f"{ran_out}; no checkpoint was written yet: free space (or point "
                 "train.output_dir at another disk) and run again"
             )
         step = json.loads((kept / "state.json").read_text())["step"]
         return (
-            f"{free}free now); the checkpoint of step {step} ({kept}) is untouched: free space "
+            f"{ran_out}; the checkpoint of step {step} ({kept}) is untouched: free space "
             "and run the same command again to resume from it"
         )
 

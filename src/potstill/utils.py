@@ -61,6 +61,14 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def require_free(where: Path, need: float, says: Callable[[int], str]) -> None:
+    """Refuse, with :class:`~potstill.errors.OutOfDisk` and ``says(free bytes)``, a write of
+    ``need`` more bytes under ``where`` that its disk has no room for."""
+    free = free_bytes(where)
+    if free < need:
+        raise OutOfDisk(says(free))
+
+
 @contextlib.contextmanager
 def when_disk_fills(
     where: Path, cleanup: Callable[[], object], says: Callable[[], str]
